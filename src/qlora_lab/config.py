@@ -1,0 +1,150 @@
+"""Typed config schemas, one dataclass per Hydra group, registered in Hydra's ConfigStore.
+
+The YAML files under ``conf/`` fill these schemas. Because the top-level ``train.yaml`` starts from the
+registered ``train_schema``, an unknown key or a value of the wrong type fails at composition time, before
+anything is loaded. Defaults live here only when no YAML sets them; every group option YAML sets its
+own values so that a reader sees the whole group in one file.
+
+``validate`` then checks the values that types alone cannot (ranges, combinations, files, backends) and
+reports every problem at once, each with the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    """Which causal LM to fine-tune and how to load it."""
+
+    name: str = MISSING  # short name used in run names and W&B (e.g. "tiny", "phi4_mini")
+    path: str = MISSING  # hub id or local directory; for "tiny", where the built model is cached
+    # For model=tiny (and the random-init shapes used by benchmarks): a transformers config dict to build the
+    # model from instead of downloading it. Empty for hub/local checkpoints.
+    build: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Optional[str] = None  # defaults to `path`
+    dtype: str = "bfloat16"  # dtype of the non-quantized weights (embeddings, norms, head)
+    attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
+    max_seq_len: int = 512  # sequences are truncated to this many tokens
+    trust_remote_code: bool = False
+    # fp32 upcast after loading: none (fastest; HF norms already reduce in fp32), norms (layer norms only),
+    # all (every non-quantized parameter, what peft's prepare_model_for_kbit_training does: most memory).
+    upcast: str = "none"
+
+
+@dataclass
+class QuantizationConfig:
+    """bitsandbytes quantization of the frozen base weights (maps 1:1 onto BitsAndBytesConfig)."""
+
+    name: str = MISSING  # nf4 | fp4 | int8 | none
+    bits: int = 4  # 4, 8, or 16 (no quantization)
+    quant_type: str = "nf4"  # 4-bit data type: nf4 | fp4
+    double_quant: bool = True  # quantize the absmax constants too (~0.37 bit/param saved)
+    compute_dtype: str = "bfloat16"  # dtype the dequantized weights are multiplied in
+    quant_storage: str = "uint8"  # packing dtype of 4-bit weights; set = compute_dtype for FSDP sharding
+    skip_modules: list[str] = field(default_factory=list)  # module names left in model.dtype
+    int8_threshold: float = 6.0  # LLM.int8 outlier threshold
+
+
+@dataclass
+class LoraConfig:
+    """The low-rank adapter (maps onto peft.LoraConfig)."""
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    bias: str = "none"  # none | all | lora_only
+    use_dora: bool = False
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    init: str = "default"  # default (kaiming A, zero B) | gaussian | pissa | loftq
+    adapter_dtype: str = "float32"  # float32 (PEFT's default upcast) | bfloat16 (less memory, faster)
+
+
+@dataclass
+class CheckpointingConfig:
+    """Activation checkpointing: trade recompute time for activation memory."""
+
+    name: str = MISSING  # none | reentrant | non_reentrant | offload
+    enabled: bool = True
+    use_reentrant: bool = False
+    offload_to_cpu: bool = False  # keep the saved layer inputs in host memory between forward and backward
+
+
+@dataclass
+class DataConfig:
+    """The fine-tuning dataset."""
+
+    name: str = MISSING  # tiny | jsonl | hf
+    source: str = "jsonl"  # jsonl (a local file) | hf (datasets.load_dataset)
+    path: Optional[str] = None  # jsonl file (source=jsonl) or dataset name/dir (source=hf)
+    config_name: Optional[str] = None  # datasets config name (source=hf)
+    split: str = "train"
+    eval_fraction: float = 0.05  # share of rows held out for eval loss
+    max_eval_rows: int = 256
+    mask_prompt: bool = True  # compute the loss on response tokens only
+    micro_batch_size: int = 8
+    shuffle: bool = True
+    num_rows: int = 0  # for the tiny dataset: how many rows to generate (0 = use the shipped file as is)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and loop length."""
+
+    name: str = MISSING  # adamw | paged_adamw_8bit
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_steps: int = 10
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_steps: int = 100  # optimizer steps; 0 = run `epochs` epochs
+    epochs: int = 1
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics go besides the run dir's metrics.jsonl."""
+
+    name: str = MISSING  # wandb | none
+    project: str = "qlora-lab"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+    log_every: int = 1  # steps between metric records
+    eval_every: int = 50  # steps between eval-loss passes (0 = only at the end)
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one field per config group, plus run-level settings."""
+
+    model: ModelConfig = MISSING
+    quantization: QuantizationConfig = MISSING
+    lora: LoraConfig = MISSING
+    checkpointing: CheckpointingConfig = MISSING
+    data: DataConfig = MISSING
+    optim: OptimConfig = MISSING
+    logger: LoggerConfig = MISSING
+    seed: int = 0
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    output_dir: str = "."  # the run dir; train.yaml points it at Hydra's job output dir
+    cache_dir: str = "outputs/cache"  # built tiny models/tokenizers; shared between runs
+    run_name: str = "run"
+    sweep_id: Optional[str] = None  # set for multirun jobs: the W&B group that ties a sweep together
+    tags: list[str] = field(default_factory=list)
+
+
+def register_configs() -> None:
+    """Register the schemas so that `conf/train.yaml` can start from `train_schema`."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,47 @@
+"""Stage 1 (load): resolve where the model lives, then load tokenizer and (quantized) weights.
+
+`model=tiny` and the random-init benchmark shapes are built once into the cache and then take the very same
+`from_pretrained` path as a hub id or a local checkpoint, so the code the tests run is the code users run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qlora_lab.config import ModelConfig
+from qlora_lab.quantize import torch_dtype
+
+
+def resolve_model_path(m: ModelConfig, cache_dir: str, seed: int) -> str:
+    """The directory or hub id to load from; builds the random-init model first if the config asks for one."""
+    if m.build:
+        from qlora_lab.tiny import ensure_built
+
+        return str(ensure_built(dict(m.build), Path(cache_dir).resolve(), m.name, seed=seed))
+    return str(Path(m.path).expanduser()) if Path(m.path).expanduser().exists() else m.path
+
+
+def load_tokenizer(path: str, m: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(m.tokenizer or path, trust_remote_code=m.trust_remote_code)
+    if tok.pad_token is None:  # many base models ship none; padding positions are masked from the loss anyway
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, m: ModelConfig, bnb_config, device: str) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config,
+        dtype=torch_dtype(m.dtype),
+        attn_implementation=m.attn_implementation,
+        device_map={"": device},  # one device; the weights are quantized as they stream in
+        trust_remote_code=m.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return model

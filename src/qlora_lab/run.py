@@ -1,0 +1,108 @@
+"""The pipeline, in order: validate → load → quantize → prepare → adapt → data → train → save.
+
+`run(cfg)` is what `train.py` calls and what the tests call; it returns the run's summary metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_lab import adapt, data, load, prepare, quantize, save
+from qlora_lab.config import TrainConfig
+from qlora_lab.metrics import JsonlSink, MetricLogger, WandbSink, flatten, memory_now, reset_peak
+from qlora_lab.train import train
+from qlora_lab.validate import resolve_device, validate
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def build_logger(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], overrides: list[str]) -> MetricLogger:
+    sinks: list = [JsonlSink(out_dir / "metrics.jsonl")]
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
+        sinks.append(WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
+                               run_dir=out_dir, name=cfg.run_name, group=cfg.sweep_id,
+                               tags=list(cfg.tags) + overrides, config=flatten(config)))
+    return MetricLogger(sinks)
+
+
+def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train one run described by `cfg`; returns its summary metrics."""
+    overrides = list(overrides or [])
+    config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else None
+    tcfg: TrainConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    config = config if config is not None else OmegaConf.to_container(OmegaConf.structured(tcfg))
+
+    # Everything that can be checked without a model is checked first, and all problems are reported at once.
+    validate(tcfg)
+    rows = data.read_rows(tcfg.data)
+    device = resolve_device(tcfg.device)
+    out_dir = Path(tcfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(tcfg.seed)
+    t_start = time.perf_counter()
+
+    logger = build_logger(tcfg, out_dir, config, overrides)
+    try:
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases.update({f"phase/{name}/{k}": v for k, v in memory_now(device).items()})
+
+        reset_peak(device)
+        model_path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed)
+        tokenizer = load.load_tokenizer(model_path, tcfg.model)
+        bnb_config = quantize.build_bnb_config(tcfg.quantization)
+        model = load.load_model(model_path, tcfg.model, bnb_config, device)
+        phase("load")
+        model = prepare.prepare_model(model, tcfg.model, tcfg.checkpointing, device)
+        phase("prepare")
+        model = adapt.wrap_model(model, tcfg.lora, tcfg.quantization)
+        phase("wrap")
+        trainable, total = adapt.count_parameters(model)
+
+        examples = data.build_examples(rows, tokenizer, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
+        train_set, eval_set = data.split_eval(examples, tcfg.data, tcfg.seed)
+        fingerprint = data.fingerprint(rows)
+        save.write_run_info(out_dir, config=config, overrides=overrides, device=device,
+                            dataset_fingerprint=fingerprint, model_path=model_path)
+        print(f"qlora-lab: {tcfg.run_name}: {trainable:,} trainable / {total:,} parameters, "
+              f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}")
+
+        summary = train(model, tokenizer, train_set, eval_set, tcfg, logger, device, phases)
+        adapter_dir = save.save_adapter(model, tokenizer, out_dir)
+
+        summary.update({
+            "summary/trainable_params": trainable,
+            "summary/total_params": total,
+            "summary/train_rows": len(train_set),
+            "summary/wall_time_s": time.perf_counter() - t_start,
+            "summary/status": "finished",
+            "summary/adapter_dir": str(adapter_dir),
+        })
+        logger.summary({**summary, **phases})
+        _print_summary(summary, phases)
+        return summary
+    finally:
+        logger.close()
+
+
+def _print_summary(summary: dict[str, Any], phases: dict[str, float]) -> None:
+    print("qlora-lab: memory by phase (GiB, allocated / peak allocated):")
+    for name in ("load", "prepare", "wrap", "first_forward", "first_backward", "first_optimizer_step"):
+        a, p = phases.get(f"phase/{name}/allocated_gib"), phases.get(f"phase/{name}/peak_allocated_gib")
+        if a is not None:
+            print(f"  {name:<22} {a:8.3f} / {p:8.3f}")
+    print("qlora-lab: " + ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" if isinstance(v, float) else
+                                    f"{k.split('/', 1)[1]}={v}" for k, v in summary.items()))

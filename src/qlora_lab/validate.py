@@ -1,0 +1,205 @@
+"""Checks on the composed config that types alone cannot express, run before any model loads.
+
+Every problem is collected and reported in one `ConfigError`, each line naming the fix, so a user fixes
+their command once instead of once per crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+from qlora_lab.config import TrainConfig
+
+DTYPES = ("bfloat16", "float16", "float32")
+ATTN_IMPLS = ("sdpa", "eager", "flash_attention_2")
+OPTIMIZERS = ("adamw", "paged_adamw_8bit")
+SCHEDULERS = ("cosine", "linear", "constant")
+LORA_INITS = ("default", "gaussian", "pissa", "loftq")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message lists every problem with its fix."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in the config:\n{lines}")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+@functools.lru_cache(maxsize=None)
+def quant_backend_problem(device: str, bits: int, quant_type: str) -> str | None:
+    """None if bitsandbytes can quantize to `bits` on `device`, else why not.
+
+    Probed by quantizing a small tensor for real: a version check would miss a build without this
+    device's library.
+    """
+    try:
+        import bitsandbytes.functional as F  # noqa: F401  (lazy: the CPU-only path need not pay for it)
+        import torch
+    except Exception as e:  # ImportError, or a broken native library
+        return f"bitsandbytes is not importable ({type(e).__name__}: {e})"
+    try:
+        x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
+        if bits == 4:
+            F.quantize_4bit(x, quant_type=quant_type)
+        else:
+            F.int8_vectorwise_quant(x.half())
+    except Exception as e:
+        return f"bitsandbytes has no {bits}-bit backend for device '{device}' ({type(e).__name__}: {str(e)[:120]})"
+    return None
+
+
+def _model_max_positions(cfg: TrainConfig) -> int | None:
+    if cfg.model.build:
+        return cfg.model.build.get("max_position_embeddings")
+    config_json = Path(cfg.model.path) / "config.json"
+    if config_json.is_file():
+        return json.loads(config_json.read_text()).get("max_position_embeddings")
+    return None  # a hub id: known only after download
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~")) or (os.sep in path and Path(path).exists())
+
+
+def _wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Raise ConfigError listing every problem in `cfg`; return None when it can run."""
+    p: list[str] = []
+    m, q, lo, ck, d, o, lg = cfg.model, cfg.quantization, cfg.lora, cfg.checkpointing, cfg.data, cfg.optim, cfg.logger
+
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        p.append(f"device={cfg.device!r} is not one of auto, cpu, cuda")
+        device = "cpu"
+    else:
+        device = resolve_device(cfg.device)
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                p.append("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+                device = "cpu"
+
+    # model
+    if m.dtype not in DTYPES:
+        p.append(f"model.dtype={m.dtype!r} is not one of {', '.join(DTYPES)}")
+    if m.attn_implementation not in ATTN_IMPLS:
+        p.append(f"model.attn_implementation={m.attn_implementation!r} is not one of {', '.join(ATTN_IMPLS)}")
+    if m.upcast not in ("none", "norms", "all"):
+        p.append(f"model.upcast={m.upcast!r} is not one of none, norms, all")
+    if m.max_seq_len <= 0:
+        p.append(f"model.max_seq_len={m.max_seq_len} must be > 0")
+    if m.build and "model_type" not in m.build:
+        p.append("model.build needs a model_type (e.g. llama) to build a random-init model")
+    if not m.build and _looks_local(m.path) and not (Path(m.path).expanduser() / "config.json").is_file():
+        p.append(f"model.path={m.path!r} has no config.json; point it at a saved checkpoint directory")
+    max_pos = _model_max_positions(cfg)
+    if max_pos is not None and m.max_seq_len > max_pos:
+        p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
+                 f"set model.max_seq_len<={max_pos}")
+
+    # quantization
+    if q.name not in ("nf4", "fp4", "int8", "none"):
+        p.append(f"quantization.name={q.name!r} is not one of nf4, fp4, int8, none")
+    if q.bits not in (4, 8, 16):
+        p.append(f"quantization.bits={q.bits} must be 4, 8 or 16 (16 = no quantization)")
+    if q.quant_type not in ("nf4", "fp4"):
+        p.append(f"quantization.quant_type={q.quant_type!r} is not one of nf4, fp4")
+    if q.compute_dtype not in DTYPES:
+        p.append(f"quantization.compute_dtype={q.compute_dtype!r} is not one of {', '.join(DTYPES)}")
+    if q.quant_storage not in ("uint8",) + DTYPES:
+        p.append(f"quantization.quant_storage={q.quant_storage!r} is not one of uint8, {', '.join(DTYPES)}")
+    if q.bits in (4, 8):
+        why = quant_backend_problem(device, q.bits, q.quant_type)
+        if why:
+            p.append(f"quantization={q.name} needs a bitsandbytes backend for '{device}': {why}; "
+                     "install bitsandbytes>=0.49 (CPU and CUDA backends) or choose quantization=none")
+
+    # lora
+    if lo.r <= 0:
+        p.append(f"lora.r={lo.r} must be a positive integer (e.g. lora.r=16)")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0 (the update is scaled by alpha/r; try lora.alpha=2*r)")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    if lo.bias not in ("none", "all", "lora_only"):
+        p.append(f"lora.bias={lo.bias!r} is not one of none, all, lora_only")
+    if not lo.target_modules:
+        p.append("lora.target_modules is empty; use [all-linear] or name modules, e.g. [q_proj,v_proj]")
+    if lo.init not in LORA_INITS:
+        p.append(f"lora.init={lo.init!r} is not one of {', '.join(LORA_INITS)}")
+    elif lo.init in ("pissa", "loftq") and q.bits != 16:
+        p.append(f"lora.init={lo.init} initializes from the full-precision weights; use quantization=none "
+                 "(and quantize the residual model afterwards), or lora.init=default with a quantized base")
+    if lo.adapter_dtype not in ("float32", "bfloat16"):
+        p.append(f"lora.adapter_dtype={lo.adapter_dtype!r} is not one of float32, bfloat16")
+
+    # checkpointing
+    if ck.offload_to_cpu and not ck.enabled:
+        p.append("checkpointing.offload_to_cpu=true needs checkpointing.enabled=true (or checkpointing=offload)")
+
+    # data
+    if d.source not in ("jsonl", "hf"):
+        p.append(f"data.source={d.source!r} is not one of jsonl, hf")
+    if not d.path:
+        p.append(f"data.path is not set; give data.path=/path/to/train.jsonl (data={d.name})")
+    elif d.source == "jsonl" and not Path(d.path).is_file():
+        p.append(f"data.path={d.path!r} does not exist; give the path of a .jsonl file")
+    if not 0 <= d.eval_fraction < 1:
+        p.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.micro_batch_size <= 0:
+        p.append(f"data.micro_batch_size={d.micro_batch_size} must be > 0")
+
+    # optim
+    if o.name not in OPTIMIZERS:
+        p.append(f"optim.name={o.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    elif o.name == "paged_adamw_8bit" and device != "cuda":
+        p.append("optim=paged_adamw_8bit pages optimizer state through CUDA unified memory; "
+                 "use optim=adamw on the CPU")
+    if o.lr <= 0:
+        p.append(f"optim.lr={o.lr} must be > 0")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.scheduler not in SCHEDULERS:
+        p.append(f"optim.scheduler={o.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o.grad_accum_steps < 1:
+        p.append(f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1")
+    if o.max_grad_norm < 0:
+        p.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if o.max_steps < 0 or (o.max_steps == 0 and o.epochs < 1):
+        p.append("set optim.max_steps > 0, or optim.max_steps=0 with optim.epochs >= 1")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+
+    # logger
+    if lg.mode not in ("offline", "online", "disabled"):
+        p.append(f"logger.mode={lg.mode!r} is not one of offline, online, disabled")
+    elif lg.name == "wandb" and lg.mode == "online" and not _wandb_has_credentials():
+        p.append("logger.mode=online but no W&B credentials were found; run `wandb login` "
+                 "(or set WANDB_API_KEY), or keep logger.mode=offline and `wandb sync` later")
+    if lg.log_every < 1:
+        p.append(f"logger.log_every={lg.log_every} must be >= 1")
+    if lg.eval_every < 0:
+        p.append(f"logger.eval_every={lg.eval_every} must be >= 0")
+
+    if p:
+        raise ConfigError(p)
