@@ -54,6 +54,7 @@ class QuantizationConfig:
 class LoraConfig:
     """The low-rank adapter (maps onto peft.LoraConfig)."""
 
+    name: str = MISSING  # default | dora
     r: int = 16
     alpha: float = 32.0
     dropout: float = 0.05

@@ -111,8 +111,10 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
         build_tokenizer((r["prompt"] + " " + r["response"] for r in rows), vocab_size, tmp)
         model_type = build.pop("model_type")
         config = AutoConfig.for_model(model_type, **build)
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # A private RNG stream: whether the cache already existed must not change the run's random numbers.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.save_pretrained(tmp)
         try:
             os.rename(tmp, target)

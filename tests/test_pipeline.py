@@ -1,0 +1,111 @@
+"""The stages on the tiny model: real 4-bit weights, LoRA-only gradients, equivalent checkpointing modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qlora_lab.train import count_label_tokens, forward_loss
+
+
+def lora_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = forward_loss(model, batch, "cpu", count_label_tokens(batch))
+    loss.backward()
+    return float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def randomize_lora_b(model, seed: int = 1) -> None:
+    """LoRA B starts at zero, which makes A's gradient zero; give both a non-trivial gradient."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g).to(p.dtype) * 0.05
+
+
+def test_nf4_really_quantizes_and_only_lora_trains(tiny):
+    import bitsandbytes as bnb
+
+    _, model, _, batch = tiny(["quantization=nf4"])
+    base_linears = [m for n, m in model.named_modules() if n.endswith("base_layer")]
+    assert base_linears and all(isinstance(m, bnb.nn.Linear4bit) for m in base_linears)
+    assert all(m.weight.dtype == torch.uint8 and m.weight.quant_state.quant_type == "nf4" for m in base_linears)
+    assert all(m.weight.quant_state.nested for m in base_linears)  # double quant
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    randomize_lora_b(model)
+    _, grads = lora_grads(model, batch)
+    assert set(grads) == trainable  # gradients reach every LoRA weight and nothing else
+    assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+def test_int8_and_fp4_load_their_types(tiny):
+    import bitsandbytes as bnb
+
+    _, model, _, _ = tiny(["quantization=int8"])
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    _, model, _, _ = tiny(["quantization=fp4"])
+    qs = [m.weight.quant_state for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert qs and all(q.quant_type == "fp4" for q in qs)
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non_reentrant", "offload"])
+def test_checkpointing_mode_matches_none(tiny, mode):
+    _, ref_model, _, batch = tiny(["checkpointing=none", "lora.dropout=0"])
+    randomize_lora_b(ref_model)
+    ref_loss, ref_grads = lora_grads(ref_model, batch)
+    _, model, _, _ = tiny([f"checkpointing={mode}", "lora.dropout=0"])
+    randomize_lora_b(model)
+    loss, grads = lora_grads(model, batch)
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_grad_accumulation_equals_one_large_batch(tiny):
+    """Two half batches, each divided by the whole window's token count, give the full batch's gradient."""
+    _, model, _, batch = tiny(["checkpointing=none", "lora.dropout=0"])
+    randomize_lora_b(model)
+    full_loss, full = lora_grads(model, batch)
+    halves = [{k: v[:4] for k, v in batch.items()}, {k: v[4:] for k, v in batch.items()}]
+    n = sum(count_label_tokens(h) for h in halves)
+    model.zero_grad(set_to_none=True)
+    total = 0.0
+    for h in halves:
+        loss = forward_loss(model, h, "cpu", n)
+        loss.backward()
+        total += float(loss)
+    assert total == pytest.approx(full_loss, rel=1e-4)
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, full[name], rtol=1e-3, atol=1e-6)
+
+
+def test_eval_mode_does_not_break_cpu_4bit_gradients(tiny):
+    """bitsandbytes' CPU eval path repacks weights into a format without backward; prepare turns it off."""
+    _, model, _, batch = tiny(["checkpointing=none", "lora.dropout=0"])
+    randomize_lora_b(model)
+    _, before = lora_grads(model, batch)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"])
+    model.train()
+    _, after = lora_grads(model, batch)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], msg=name)
+
+
+def test_target_module_that_matches_nothing_names_the_real_ones(tiny):
+    with pytest.raises(ValueError) as e:
+        tiny(["lora.target_modules=[qkv_proj]"])
+    assert "q_proj" in str(e.value) and "matches no module" in str(e.value)
+
+
+def test_bf16_adapters_and_dora_train(tiny):
+    _, model, _, batch = tiny(["lora.adapter_dtype=bfloat16"])
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
+    _, model, _, batch = tiny(["lora=dora"])
+    assert any("lora_magnitude_vector" in n for n, p in model.named_parameters() if p.requires_grad)
+    loss, grads = lora_grads(model, batch)
+    assert torch.isfinite(torch.tensor(loss)) and grads

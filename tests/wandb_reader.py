@@ -1,0 +1,60 @@
+"""Read an offline W&B run file (`run-<id>.wandb`) back, so tests check what W&B really recorded.
+
+The file is a 7-byte header followed by LevelDB-log framed protobuf `Record`s (32 KiB blocks; each chunk has a
+4-byte checksum, 2-byte length and 1-byte type: 1 full, 2 first, 3 middle, 4 last). The wandb package ships
+the protobuf classes but no reader, hence these few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def records(path: Path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = Path(path).read_bytes()
+    assert raw[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, pending = HEADER, b""
+    while pos + 7 <= len(raw):
+        if BLOCK - pos % BLOCK < 7:  # a block tail too short for a chunk header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        chunk = raw[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            yield rec
+            pending = b""
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """{'run': Record.run, 'config': {...}, 'history': [{...}], 'summary': {...}} of the one run under run_dir."""
+    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, f"expected one offline W&B run under {run_dir}, found {files}"
+    out: dict[str, Any] = {"run": None, "config": {}, "history": [], "summary": {}}
+    for rec in records(files[0]):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = rec.run
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.run.config.update})
+        elif kind == "config":
+            out["config"].update({i.key: json.loads(i.value_json) for i in rec.config.update})
+        elif kind == "history":
+            out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                   for i in rec.history.item})
+        elif kind == "summary":
+            out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                   for i in rec.summary.update})
+    return out
