@@ -126,3 +126,8 @@ def test_local_model_path_without_checkpoint(compose, tmp_path):
     cfg = compose(["model=qwen2_5_0_5b", f"model.path={tmp_path}/missing-model"])
     with pytest.raises(ConfigError, match="has no config.json"):
         v.validate(OmegaConf.to_object(cfg))
+
+
+def test_liger_kernels_need_cuda(compose):
+    with pytest.raises(ConfigError, match="model.kernels=none on the CPU"):
+        v.validate(OmegaConf.to_object(compose(["model.kernels=liger", "device=cpu"])))

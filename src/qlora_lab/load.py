@@ -14,12 +14,12 @@ from qlora_lab.config import ModelConfig
 from qlora_lab.quantize import torch_dtype
 
 
-def resolve_model_path(m: ModelConfig, cache_dir: str, seed: int) -> str:
+def resolve_model_path(m: ModelConfig, cache_dir: str, seed: int, device: str = "cpu") -> str:
     """The directory or hub id to load from; builds the random-init model first if the config asks for one."""
     if m.build:
         from qlora_lab.tiny import ensure_built
 
-        return str(ensure_built(dict(m.build), Path(cache_dir).resolve(), m.name, seed=seed))
+        return str(ensure_built(dict(m.build), Path(cache_dir).resolve(), m.name, seed=seed, device=device))
     return str(Path(m.path).expanduser()) if Path(m.path).expanduser().exists() else m.path
 
 
@@ -32,8 +32,27 @@ def load_tokenizer(path: str, m: ModelConfig):
     return tok
 
 
+def apply_kernels(path: str, m: ModelConfig) -> None:
+    """Patch the model class with liger-kernel's Triton kernels before it is instantiated."""
+    if m.kernels == "none":
+        return
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code)
+    model_type = config.model_type
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise ValueError(f"model.kernels=liger has no kernels for model type {model_type!r}; use model.kernels=none")
+    kwargs = {}
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        kwargs["rope"] = False  # liger's RoPE rotates the whole head; partial-rotary models (Phi-3/4) need HF's
+    MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](**kwargs)
+
+
 def load_model(path: str, m: ModelConfig, bnb_config, device: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+
+    apply_kernels(path, m)
 
     model = AutoModelForCausalLM.from_pretrained(
         path,

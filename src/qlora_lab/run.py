@@ -61,7 +61,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
             phases.update({f"phase/{name}/{k}": v for k, v in memory_now(device).items()})
 
         reset_peak(device)
-        model_path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed)
+        model_path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed, device)
         tokenizer = load.load_tokenizer(model_path, tcfg.model)
         bnb_config = quantize.build_bnb_config(tcfg.quantization)
         model = load.load_model(model_path, tcfg.model, bnb_config, device)
