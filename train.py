@@ -1,5 +1,7 @@
 """python train.py [group=option ...] [key=value ...] [-m]: one QLoRA run (or a sweep) from conf/."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -14,10 +16,16 @@ register_resolvers()
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
 
+    from qlora_lab.data import DataError
     from qlora_lab.run import run
+    from qlora_lab.validate import ConfigError
 
-    summary = run(cfg, overrides=list(HydraConfig.get().overrides.task))
-    return summary["summary/final_loss"]  # what a sweeper optimizes
+    try:
+        summary = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+    except (ConfigError, DataError) as e:  # bad input: the message says what to fix; a traceback adds nothing
+        print(f"qlora-lab: {e}", file=sys.stderr)
+        sys.exit(2)
+    return summary.get("summary/final_loss", float("nan"))  # what a sweeper optimizes
 
 
 if __name__ == "__main__":

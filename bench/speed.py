@@ -47,7 +47,7 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
     register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[
-            f"model={SHAPE_MODEL[shape]}", *COMMON, *overrides, "output_dir=/tmp/qlab-bench", "run_name=bench",
+            f"model={SHAPE_MODEL[shape]}", *COMMON, *overrides, f"model.max_seq_len={seq}", "output_dir=/tmp/qlab-bench", "run_name=bench",
             "sweep_id=null", f"cache_dir={os.environ.get('QLAB_BENCH_CACHE', '/tmp/qlab-cache')}"])
     cfg = OmegaConf.to_object(cfg)
     path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0, "cuda")
@@ -63,8 +63,11 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (bs, seq), device="cuda", generator=g)
     batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
+    from qlora_lab.ledger import predict
+
+    predicted = predict(cfg, bs)
     times, losses = [], []
-    for _ in range(6):
+    for _ in range(int(os.environ.get("QLAB_BENCH_STEPS", "6"))):
         torch.cuda.synchronize()
         t = time.perf_counter()
         loss = forward_loss(model, batch, "cuda", count_label_tokens(batch))
@@ -76,7 +79,8 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
         losses.append(float(loss))
     med = sorted(times[2:])[len(times[2:]) // 2]
     return dict(tok_s=round(bs * seq / med), step_s=round(med, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                load_gib=round(load_gib, 2), loss0=round(losses[0], 4), trainable=sum(p.numel() for p in params))
+                load_gib=round(load_gib, 2), loss0=round(losses[0], 4), trainable=sum(p.numel() for p in params),
+                pred_gib=round(predicted.peak_gib, 2), pred_where=predicted.peak_where)
 
 
 def _last_json(text: str) -> dict | None:

@@ -91,7 +91,9 @@ class DataConfig:
     eval_fraction: float = 0.05  # share of rows held out for eval loss
     max_eval_rows: int = 256
     mask_prompt: bool = True  # compute the loss on response tokens only
-    micro_batch_size: int = 8
+    # an int, or "auto": the largest micro-batch the memory ledger predicts to fit plan.gpu_memory_gib (less
+    # plan.safety_margin), verified with one real step and halved on OOM
+    micro_batch_size: Any = 8
     shuffle: bool = True
     num_rows: int = 0  # for the tiny dataset: how many rows to generate (0 = use the shipped file as is)
 
@@ -127,6 +129,16 @@ class LoggerConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The memory ledger: prediction before loading, fit checks, automatic micro-batch size."""
+
+    gpu_memory_gib: Optional[float] = None  # the card to plan for; None = the current GPU's (no verdict on CPU)
+    safety_margin: float = 0.1  # share of the card kept free when judging fit and picking micro_batch_size=auto
+    skip_unfit: bool = False  # a run predicted not to fit is recorded as skipped instead of started
+    max_micro_batch: int = 64  # the largest micro-batch `auto` considers
+
+
+@dataclass
 class TrainConfig:
     """The whole run: one field per config group, plus run-level settings."""
 
@@ -137,6 +149,8 @@ class TrainConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    mode: str = "train"  # train | plan (print the memory ledger and exit, without loading weights)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     output_dir: str = "."  # the run dir; train.yaml points it at Hydra's job output dir

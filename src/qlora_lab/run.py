@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapt, data, load, prepare, quantize, save
+from qlora_lab import adapt, data, load, plan, prepare, quantize, save
 from qlora_lab.config import TrainConfig
 from qlora_lab.metrics import JsonlSink, MetricLogger, WandbSink, flatten, memory_now, reset_peak
 from qlora_lab.train import train
@@ -46,10 +46,18 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
 
     # Everything that can be checked without a model is checked first, and all problems are reported at once.
     validate(tcfg)
-    rows = data.read_rows(tcfg.data)
     device = resolve_device(tcfg.device)
+    ledger, budget = plan.resolve(tcfg, device)  # from the architecture alone: no weights are read
+    if tcfg.mode == "plan":
+        print(plan.plan_report(tcfg, ledger, budget, overrides))
+        return {"summary/status": "planned", "summary/predicted_peak_gib": ledger.peak_gib,
+                "summary/predicted_card_gib": ledger.card_gib, "summary/micro_batch": ledger.micro_batch,
+                "summary/fits": plan.fits(ledger, budget, tcfg.plan.safety_margin)}
     out_dir = Path(tcfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tcfg.plan.skip_unfit and plan.fits(ledger, budget, tcfg.plan.safety_margin) is False:
+        return _skip(out_dir, ledger, budget, tcfg)
+    rows = data.read_rows(tcfg.data)
     seed_everything(tcfg.seed)
     t_start = time.perf_counter()
 
@@ -71,6 +79,14 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         model = adapt.wrap_model(model, tcfg.lora, tcfg.quantization)
         phase("wrap")
         trainable, total = adapt.count_parameters(model)
+        if device == "cuda" and OmegaConf.select(config, "data.micro_batch_size") == "auto":
+            mb, attempts = plan.verify_micro_batch(tcfg.data.micro_batch_size,
+                                                   lambda n: _probe_step(model, n, tcfg.model.max_seq_len))
+            tcfg.data.micro_batch_size = mb
+            print(f"qlora-lab: micro_batch_size=auto -> {mb} (ledger picked {ledger.micro_batch}; tries {attempts})")
+            if mb != ledger.micro_batch:
+                ledger = plan.predict(tcfg, mb)
+        phases.update(plan.predicted_metrics(ledger))
 
         examples = data.build_examples(rows, tokenizer, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
         train_set, eval_set = data.split_eval(examples, tcfg.data, tcfg.seed)
@@ -82,6 +98,13 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
 
         summary = train(model, tokenizer, train_set, eval_set, tcfg, logger, device, phases)
         adapter_dir = save.save_adapter(model, tokenizer, out_dir)
+        ledger_table = ""
+        if device == "cuda":  # the ledger predicts CUDA allocator bytes; CPU RSS is not comparable
+            measured = {p: phases[f"phase/{p}/allocated_gib"] for p in plan.PHASES[:-1]
+                        if f"phase/{p}/allocated_gib" in phases}
+            measured["step_peak"] = summary["summary/peak_memory_gib"]
+            ledger_metrics, ledger_table = plan.compare(ledger, measured)
+            summary.update(ledger_metrics)
 
         summary.update({
             "summary/trainable_params": trainable,
@@ -89,13 +112,40 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
             "summary/train_rows": len(train_set),
             "summary/wall_time_s": time.perf_counter() - t_start,
             "summary/status": "finished",
+            "summary/micro_batch": tcfg.data.micro_batch_size,
+            "summary/predicted_peak_gib": ledger.peak_gib,
             "summary/adapter_dir": str(adapter_dir),
         })
         logger.summary({**summary, **phases})
         _print_summary(summary, phases)
+        if ledger_table:
+            print("qlora-lab: memory ledger, predicted vs measured (GiB allocated):\n" + ledger_table)
         return summary
     finally:
         logger.close()
+
+
+def _skip(out_dir: Path, ledger, budget: float | None, cfg: TrainConfig) -> dict[str, Any]:
+    """plan.skip_unfit: record the run as skipped, with the reason, instead of starting it."""
+    import json
+
+    reason = plan.verdict(ledger, budget, cfg.plan.safety_margin)
+    summary = {"summary/status": "skipped", "summary/reason": reason, "summary/predicted_peak_gib": ledger.peak_gib,
+               "summary/predicted_card_gib": ledger.card_gib}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"qlora-lab: {cfg.run_name}: skipped: {reason}")
+    return summary
+
+
+def _probe_step(model, micro_batch: int, seq: int) -> None:
+    """One forward and backward at full sequence length, to prove a micro-batch fits before training on it."""
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device="cuda")
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
 
 
 def _print_summary(summary: dict[str, Any], phases: dict[str, float]) -> None:

@@ -168,8 +168,12 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"data.path={d.path!r} does not exist; give the path of a .jsonl file")
     if not 0 <= d.eval_fraction < 1:
         p.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
-    if d.micro_batch_size <= 0:
-        p.append(f"data.micro_batch_size={d.micro_batch_size} must be > 0")
+    mb = d.micro_batch_size
+    if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0):
+        p.append(f"data.micro_batch_size={mb!r} must be a positive integer or auto")
+    elif mb == "auto" and device != "cuda" and cfg.plan.gpu_memory_gib is None and cfg.mode == "train":
+        p.append("data.micro_batch_size=auto sizes the batch for a GPU; on the CPU give an integer, "
+                 "or plan.gpu_memory_gib=N to plan for a card")
 
     # optim
     if o.name not in OPTIMIZERS:
@@ -204,6 +208,16 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"logger.log_every={lg.log_every} must be >= 1")
     if lg.eval_every < 0:
         p.append(f"logger.eval_every={lg.eval_every} must be >= 0")
+
+    # plan / mode
+    if cfg.mode not in ("train", "plan"):
+        p.append(f"mode={cfg.mode!r} is not one of train, plan")
+    if not 0 <= cfg.plan.safety_margin < 1:
+        p.append(f"plan.safety_margin={cfg.plan.safety_margin} must be in [0, 1)")
+    if cfg.plan.gpu_memory_gib is not None and cfg.plan.gpu_memory_gib <= 0:
+        p.append(f"plan.gpu_memory_gib={cfg.plan.gpu_memory_gib} must be > 0")
+    if cfg.plan.max_micro_batch < 1:
+        p.append(f"plan.max_micro_batch={cfg.plan.max_micro_batch} must be >= 1")
 
     if p:
         raise ConfigError(p)
