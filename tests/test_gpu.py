@@ -23,6 +23,14 @@ def test_cuda_run_trains_and_reads_allocator_memory(compose, tmp_path, quant, op
     assert "memory/alloc_retries" in records[0]
     # allocator figures: the weights are resident after load, and the step peak covers them
     assert 0 < records[0]["phase/load/allocated_gib"] <= records[0]["phase/first_backward/peak_allocated_gib"]
+    # the measured ledger: predicted, measured and the difference per phase, in metrics.jsonl and the summary
+    assert "ledger/load/predicted_gib" in records[0]
+    last = records[-1]
+    for phase in ("load", "wrap", "first_backward", "step_peak"):
+        assert {f"ledger/{phase}/predicted_gib", f"ledger/{phase}/measured_gib", f"ledger/{phase}/error_pct"} <= last.keys()
+        assert f"ledger/{phase}/error_pct" in summary
+    # weights are the ledger's exact arithmetic: within the allocator's 512-byte rounding of each tensor
+    assert last["ledger/load/predicted_gib"] == pytest.approx(last["ledger/load/measured_gib"], rel=0.25)
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant", "offload"])

@@ -58,7 +58,8 @@ class Arch:
     head_dim: int
     tied: bool
     layer_linears: dict[str, tuple[int, int]]  # suffix -> (in, out) for one decoder layer
-    linear_params: int  # all decoder-layer linear weights (the quantizable ones)
+    linear_params: int  # all linear weights but the LM head (the quantized ones)
+    linear_numels: list[int]  # each of those weights' element count (quant constants are per weight)
     other_params: int  # embeddings, LM head (if untied), norms
     largest_linear: int  # elements of the largest quantized weight (dequantized in full for each matmul)
     max_positions: int | None
@@ -99,11 +100,9 @@ def read_arch(cfg: TrainConfig) -> Arch:
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
     skip = set(cfg.quantization.skip_modules)
-    linear_params, largest = 0, 0
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in skip:
-            linear_params += mod.weight.numel()
-            largest = max(largest, mod.weight.numel())
+    numels = [mod.weight.numel() for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in skip]
+    linear_params, largest = sum(numels), max(numels)
     total = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
     layer = model.model.layers[0]
     layer_linears = {n.rsplit(".", 1)[-1]: (mod.in_features, mod.out_features)
@@ -115,7 +114,8 @@ def read_arch(cfg: TrainConfig) -> Arch:
         kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim, intermediate=config.intermediate_size,
         heads=heads, layers=config.num_hidden_layers, head_dim=head_dim,
         tied=head is not None and head.weight is model.get_input_embeddings().weight,
-        layer_linears=layer_linears, linear_params=linear_params, other_params=total - linear_params,
+        layer_linears=layer_linears, linear_params=linear_params, linear_numels=numels,
+        other_params=total - linear_params,
         largest_linear=largest, max_positions=getattr(config, "max_position_embeddings", None),
     )
 
@@ -134,6 +134,7 @@ class Ledger:
     peak_bytes: int
     peak_where: str
     phases: dict[str, int]  # predicted allocated bytes after each phase, for the measured ledger
+    peak_terms: list[str]  # the items that add up to the peak (the other transients happen at other times)
     micro_batch: int
     seq_len: int
     extra: dict[str, Any] = field(default_factory=dict)
@@ -153,7 +154,8 @@ class Ledger:
         for i in self.items:
             lines.append(f"{i.name:<{w}}  {i.kind:<10} {i.bytes / GIB:8.3f}  {i.inputs}")
         lines.append("-" * (w + 70))
-        lines.append(f"{'predicted peak (allocated)':<{w}}  {'':<10} {self.peak_gib:8.3f}  at {self.peak_where}")
+        lines.append(f"{'predicted peak (allocated)':<{w}}  {'':<10} {self.peak_gib:8.3f}  at {self.peak_where}: "
+                     + " + ".join(self.peak_terms))
         lines.append(f"{'card needs (+slack, context)':<{w}}  {'':<10} {self.card_gib:8.3f}  "
                      f"x{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB} GiB context")
         return "\n".join(lines)
@@ -165,11 +167,18 @@ def _weight_bytes(arch: Arch, cfg: TrainConfig) -> list[Item]:
     n = arch.linear_params
     items = []
     if q.bits == 4:
-        blocks = math.ceil(n / BLOCK)
-        absmax = blocks * 1 + math.ceil(blocks / 256) * 4 if q.double_quant else blocks * 4
-        items.append(Item("base weights, 4-bit", f"{n:,} params x 0.5 B", n // 2, "static"))
-        items.append(Item("quant constants", f"{blocks:,} blocks of {BLOCK}, "
-                          + ("8-bit absmax + fp32 per 256" if q.double_quant else "fp32 absmax"), absmax, "static"))
+        # per weight: one absmax per 64 values (8-bit with double quant, then one fp32 per 256 of those, a 256-entry
+        # fp32 code and an fp32 offset; fp32 without), and the 16-entry fp32 4-bit code
+        blocks = [math.ceil(k / BLOCK) for k in arch.linear_numels]
+        if q.double_quant:
+            consts = sum(b + math.ceil(b / 256) * 4 + 256 * 4 + 4 + 16 * 4 for b in blocks)
+        else:
+            consts = sum(b * 4 + 16 * 4 for b in blocks)
+        items.append(Item("base weights, 4-bit", f"{n:,} params x 0.5 B", sum((k + 1) // 2 for k in arch.linear_numels),
+                          "static"))
+        items.append(Item("quant constants", f"{sum(blocks):,} blocks of {BLOCK}, "
+                          + ("8-bit absmax + fp32 per 256" if q.double_quant else "fp32 absmax")
+                          + f", codes of {len(blocks)} weights", consts, "static"))
     elif q.bits == 8:
         rows = sum(o for _, o in arch.layer_linears.values()) * arch.layers
         items.append(Item("base weights, int8", f"{n:,} params x 1 B + fp32 row scales", n + 4 * rows, "static"))
@@ -194,8 +203,12 @@ def _group_of(name: str) -> str:
     return name  # unknown layout: its input counted on its own
 
 
-def activation_bytes_per_token(arch: Arch, cfg: TrainConfig) -> dict[str, float]:
-    """Bytes saved for backward by one decoder layer per token, by part (checkpointing off)."""
+def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda") -> dict[str, float]:
+    """Bytes saved for backward by one decoder layer per token, by part (checkpointing off).
+
+    `device` only changes dropout's mask: CUDA's fused dropout keeps a bool mask, the CPU one a mask in the
+    input's dtype.
+    """
     c = 2
     a = 4 if cfg.lora.adapter_dtype == "float32" else 2
     liger = cfg.model.kernels == "liger"
@@ -205,12 +218,15 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig) -> dict[str, float]
         "attention": c * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.heads,
         "mlp": (2 if liger else 3) * c * I,
     }
+    if cfg.model.attn_implementation == "eager":
+        # eager attention keeps the fp32 softmax output and its bf16 cast: nH x seq per token each
+        parts["attention"] += (4 + c) * arch.heads * cfg.model.max_seq_len
     lora = 0.0
     shared: set[str] = set()
     for name, (din, _) in _lora_modules(arch, cfg).items():
         lora += a * cfg.lora.r  # A's output, kept for dB
         if cfg.lora.dropout > 0:
-            lora += (1 + a) * din  # dropout mask + dropped input, per adapter
+            lora += ((1 if device == "cuda" else a) + a) * din  # dropout mask + dropped input, per adapter
         elif a != c:
             lora += a * din  # an fp32 copy of the input, per adapter
         else:
@@ -222,7 +238,9 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig) -> dict[str, float]
     return parts
 
 
-def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None = None) -> Ledger:
+def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None = None,
+            device: str = "cuda") -> Ledger:
+    """The ledger of one training step at `micro_batch` x model.max_seq_len tokens (CUDA allocator bytes)."""
     arch = arch or read_arch(cfg)
     mb = micro_batch or int(cfg.data.micro_batch_size)
     seq = cfg.model.max_seq_len
@@ -244,7 +262,7 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
     items.append(Item("input batch", f"3 x {T:,} tokens x 8 B (ids, labels, mask)", 3 * T * 8, "static"))
     static = sum(i.bytes for i in items if i.kind == "static")
 
-    per_tok = activation_bytes_per_token(arch, cfg)
+    per_tok = activation_bytes_per_token(arch, cfg, device)
     layer_saved = int(sum(per_tok.values()) * T)
     ck = cfg.checkpointing
     detail = ", ".join(f"{k} {v:,.0f}" for k, v in per_tok.items())
@@ -289,7 +307,12 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
     at_loss = static + saved + loss
     recompute = layer_saved if ck.enabled else 0
     at_layer = static + saved + recompute + layer_grad
-    peak, where = (at_loss, "the loss backward (logits)") if at_loss >= at_layer else (at_layer, "a layer's backward")
+    kept = [i.name for i in items if i.kind in ("static", "activation")]
+    if at_loss >= at_layer:
+        peak, where, terms = at_loss, "the loss backward (logits)", kept + [items[-1].name]
+    else:
+        extra = ["recompute of one layer"] if ck.enabled else []
+        peak, where, terms = at_layer, "a layer's backward", kept + extra + ["layer backward working set"]
     weights = sum(i.bytes for i in items if i.kind == "static" and i.name.startswith(("base", "quant", "embed")))
     phases = {
         "load": weights,
@@ -299,4 +322,4 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
         "first_optimizer_step": static - lora_params * a - 3 * T * 8,  # gradients freed, states kept
         "step_peak": peak,
     }
-    return Ledger(items, peak, where, phases, mb, seq, {"per_token": per_tok, "arch": arch})
+    return Ledger(items, peak, where, phases, terms, mb, seq, {"per_token": per_tok, "arch": arch})

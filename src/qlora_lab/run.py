@@ -79,7 +79,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         model = adapt.wrap_model(model, tcfg.lora, tcfg.quantization)
         phase("wrap")
         trainable, total = adapt.count_parameters(model)
-        if device == "cuda" and OmegaConf.select(config, "data.micro_batch_size") == "auto":
+        if device == "cuda" and config["data"]["micro_batch_size"] == "auto":
             mb, attempts = plan.verify_micro_batch(tcfg.data.micro_batch_size,
                                                    lambda n: _probe_step(model, n, tcfg.model.max_seq_len))
             tcfg.data.micro_batch_size = mb
@@ -104,6 +104,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
                         if f"phase/{p}/allocated_gib" in phases}
             measured["step_peak"] = summary["summary/peak_memory_gib"]
             ledger_metrics, ledger_table = plan.compare(ledger, measured)
+            logger.log(ledger_metrics, step=summary["summary/steps"])  # predicted, measured, diff: to every sink
             summary.update(ledger_metrics)
 
         summary.update({

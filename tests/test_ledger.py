@@ -1,0 +1,142 @@
+"""The memory ledger against what the tiny model really holds, mode=plan, auto micro-batch, skipping unfit jobs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from qlora_lab import adapt, load, plan, prepare, quantize
+from qlora_lab.ledger import predict
+
+MODEL_PRESETS = ["tiny", "phi4_mini", "llama3_8b", "qwen2_5_0_5b", "phi4_mini_shape", "llama3_8b_shape"]
+
+
+def _storage_bytes(tensors) -> dict[int, int]:
+    return {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+
+
+def _loaded(compose, overrides):
+    cfg = OmegaConf.to_object(compose(overrides + ["device=cpu"]))
+    path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0)
+    model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cpu")
+    return cfg, model
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "none"])
+def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
+    cfg, model = _loaded(compose, [f"quantization={quant}"])
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
+    measured = sum(_storage_bytes(tensors).values())
+    ledger = predict(cfg, device="cpu")
+    weights = sum(i.bytes for i in ledger.items if i.name.startswith(("base", "quant", "embed")))
+    assert weights == pytest.approx(measured, rel=1e-3)
+
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
+                             cfg.quantization)
+    lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert {i.name: i.bytes for i in ledger.items}["LoRA parameters"] == lora
+
+
+@pytest.mark.parametrize("overrides", [["lora.dropout=0", "lora.adapter_dtype=bfloat16"], ["lora.dropout=0"],
+                                       ["lora.dropout=0.1"]])
+def test_saved_activations_per_token_match_autograd(compose, overrides):
+    """Count the bytes autograd really saves in one decoder layer, against the ledger's per-token formula."""
+    cfg, model = _loaded(compose, ["checkpointing=none"] + overrides)
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
+                             cfg.quantization)
+    layer = model.base_model.model.model.layers[1]
+    captured = {}
+    hook = layer.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)
+    batch, seq = 4, 64
+    model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
+    hook.remove()
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        saved.update(_storage_bytes([t]))
+        return t
+
+    x = captured["args"][0].detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, *captured["args"][1:], **captured["kwargs"])
+    params = _storage_bytes(model.parameters())
+    per_token = sum(v for k, v in saved.items() if k not in params) / (batch * seq)
+    predicted = predict(cfg, device="cpu").extra["per_token"]
+    assert sum(predicted.values()) == pytest.approx(per_token, rel=0.01), predicted
+
+
+@pytest.mark.parametrize("preset", MODEL_PRESETS)
+def test_plan_every_preset_offline_and_the_table_adds_up(compose, preset, monkeypatch, capsys):
+    from qlora_lab.run import run
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    summary = run(compose([f"model={preset}", "mode=plan", "plan.gpu_memory_gib=80", "device=cpu"]))
+    out = capsys.readouterr().out
+    assert summary["summary/status"] == "planned" and "predicted peak (allocated)" in out
+    cfg = OmegaConf.to_object(compose([f"model={preset}"]))
+    ledger = predict(cfg)
+    items = {i.name: i.bytes for i in ledger.items}
+    assert sum(items[n] for n in ledger.peak_terms) == ledger.peak_bytes
+    assert summary["summary/predicted_peak_gib"] == pytest.approx(ledger.peak_gib)
+
+
+def test_plan_phi4_matches_the_measured_h100_peak(compose):
+    """Pinned to bench/results/2026-11-24_h100_ledger_accuracy.md: 22.92 GiB measured at batch 4 x 2048."""
+    cfg = OmegaConf.to_object(compose(["model=phi4_mini_shape", "data.micro_batch_size=4", "lora.dropout=0"]))
+    assert predict(cfg).peak_gib == pytest.approx(22.92, rel=0.02)
+
+
+def test_auto_micro_batch_picks_the_largest_that_fits(compose):
+    cfg = OmegaConf.to_object(compose(["model=llama3_8b_shape", "data.micro_batch_size=auto",
+                                       "plan.gpu_memory_gib=24", "device=cpu"]))
+    ledger, budget = plan.resolve(cfg, "cpu")
+    mb = ledger.micro_batch
+    assert cfg.data.micro_batch_size == mb >= 1
+    assert plan.fits(predict(cfg, mb), budget, cfg.plan.safety_margin)
+    assert not plan.fits(predict(cfg, mb + 1), budget, cfg.plan.safety_margin)
+
+
+def test_forced_oom_backs_off_and_is_reported():
+    limit = 3  # a simulated allocator that holds three sequences at most
+
+    def step(mb: int) -> None:
+        if mb > limit:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (simulated) at micro-batch {mb}")
+
+    mb, attempts = plan.verify_micro_batch(12, step)
+    assert mb == 3
+    assert [a["micro_batch"] for a in attempts] == [12, 6, 3] and [a["ok"] for a in attempts] == [False, False, True]
+    assert "simulated" in attempts[0]["error"]
+    with pytest.raises(RuntimeError, match="even a micro-batch of 1"):
+        plan.verify_micro_batch(4, lambda mb: step(mb + 10))
+
+
+def test_planned_multirun_skips_the_unfit_job(cache_dir, tmp_path):
+    from test_cli import train_py
+
+    res = train_py(["-m", "data.micro_batch_size=8,200000", "plan.skip_unfit=true", "plan.gpu_memory_gib=2",
+                    "optim.max_steps=2", "logger=none", "device=cpu"], cache_dir, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    jobs = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    status = {p.parent.name.split("_", 1)[0]: json.loads(p.read_text()) for p in jobs}
+    assert status["0"]["summary/status"] == "finished"
+    assert status["1"]["summary/status"] == "skipped" and "DOES NOT FIT" in status["1"]["summary/reason"]
+    assert not (tmp_path / "sweep" / "1_data.micro_batch_size=200000,device=cpu,logger=none,optim.max_steps=2,"
+                "plan.gpu_memory_gib=2,plan.skip_unfit=true" / "metrics.jsonl").exists()
+
+
+def test_plan_multirun_prints_one_verdict_per_job(cache_dir, tmp_path):
+    from test_cli import train_py
+
+    res = train_py(["-m", "mode=plan", "model=llama3_8b_shape", "data.micro_batch_size=1,16", "plan.gpu_memory_gib=24"],
+                   cache_dir, tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [x for x in res.stdout.splitlines() if x.startswith("PLAN ")]
+    assert len(lines) == 2 and "fits 24.0 GiB" in lines[0] and "DOES NOT FIT" in lines[1]
