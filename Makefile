@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 UV ?= $(shell command -v uv 2>/dev/null || echo .venv-uv/bin/uv)
 
-.PHONY: setup train test sweep clean
+.PHONY: setup train test sweep compare clean
 
 setup: .venv/.installed
 
@@ -22,6 +22,9 @@ test: setup
 
 sweep: setup
 	$(PY) train.py -m lora.r=8,16 $(ARGS)
+
+compare: setup  # make compare SWEEP=outputs/multirun/<time>  (default: the newest sweep)
+	$(PY) -m qlora_lab.compare $(or $(SWEEP),$(lastword $(sort $(wildcard outputs/multirun/*))))
 
 clean:
 	rm -rf outputs/runs outputs/multirun

@@ -14,14 +14,29 @@ register_resolvers()
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
+    from pathlib import Path
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from qlora_lab import sweep
     from qlora_lab.data import DataError
     from qlora_lab.run import run
     from qlora_lab.validate import ConfigError
 
+    hc = HydraConfig.get()
+    overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN and cfg.mode == "train":
+        sweep_dir = Path(hc.sweep.dir)
+        try:
+            record = sweep.run_job(cfg, overrides, sweep_dir, Path(hc.runtime.output_dir).name)
+        except KeyboardInterrupt:
+            table, _ = sweep.report(sweep_dir)
+            print(f"qlora-lab: sweep interrupted; jobs so far:\n{table}", file=sys.stderr)
+            sys.exit(130)
+        return record.get("summary/final_loss", float("nan"))
     try:
-        summary = run(cfg, overrides=list(HydraConfig.get().overrides.task))
+        summary = run(cfg, overrides=overrides)
     except (ConfigError, DataError) as e:  # bad input: the message says what to fix; a traceback adds nothing
         print(f"qlora-lab: {e}", file=sys.stderr)
         sys.exit(2)

@@ -139,6 +139,15 @@ class PlanConfig:
 
 
 @dataclass
+class SweepConfig:
+    """How the jobs of a multirun (-m) run."""
+
+    isolate: bool = True  # train each job in a fresh process: no memory statistics or allocations leak between jobs
+    resume: bool = False  # rerunning a sweep into the same hydra.sweep.dir skips jobs that already finished
+    gpus: Optional[list[int]] = None  # GPUs jobs may take, one job per GPU at a time; None = all visible
+
+
+@dataclass
 class TrainConfig:
     """The whole run: one field per config group, plus run-level settings."""
 
@@ -150,6 +159,7 @@ class TrainConfig:
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     mode: str = "train"  # train | plan (print the memory ledger and exit, without loading weights)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda

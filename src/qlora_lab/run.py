@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -28,12 +29,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
+# Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
+NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "hydra.")
+
+
 def build_logger(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], overrides: list[str]) -> MetricLogger:
     sinks: list = [JsonlSink(out_dir / "metrics.jsonl")]
+    tags = [o for o in overrides if not o.startswith(NOT_TAGS)]
     if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
         sinks.append(WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
                                run_dir=out_dir, name=cfg.run_name, group=cfg.sweep_id,
-                               tags=list(cfg.tags) + overrides, config=flatten(config)))
+                               tags=list(cfg.tags) + tags, config=flatten(config)))
     return MetricLogger(sinks)
 
 
@@ -122,14 +128,19 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         if ledger_table:
             print("qlora-lab: memory ledger, predicted vs measured (GiB allocated):\n" + ledger_table)
         return summary
+    except BaseException as e:  # recorded in the run dir and in W&B, so a sweep table can say why it ended
+        from qlora_lab.sweep import classify
+
+        failed = {"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {str(e)[:500]}"}
+        (out_dir / "summary.json").write_text(json.dumps(failed, indent=2))
+        logger.summary(failed)
+        raise
     finally:
         logger.close()
 
 
 def _skip(out_dir: Path, ledger, budget: float | None, cfg: TrainConfig) -> dict[str, Any]:
     """plan.skip_unfit: record the run as skipped, with the reason, instead of starting it."""
-    import json
-
     reason = plan.verdict(ledger, budget, cfg.plan.safety_margin)
     summary = {"summary/status": "skipped", "summary/reason": reason, "summary/predicted_peak_gib": ledger.peak_gib,
                "summary/predicted_card_gib": ledger.card_gib}

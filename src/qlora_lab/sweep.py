@@ -1,0 +1,172 @@
+"""Sweeps researchers can trust: each job in a fresh process, failures recorded, the sweep goes on.
+
+Hydra's launchers run a multirun's jobs in one process (basic) or in reused worker processes (joblib/loky), so
+CUDA peak statistics, cached allocations and a process's peak RSS leak from one job into the next; submitit's
+local launcher starts every job at once on all GPUs. So each job's task function here spawns a fresh Python
+process for the training itself (`sweep.isolate=true`): the launcher decides how many jobs run at once
+(`hydra/launcher=joblib hydra.launcher.n_jobs=N` for N GPUs), and each child takes a free GPU through a lock file
+in the sweep dir, so two jobs never share a card. A job that fails (OOM, NaN, any error) is recorded in its run
+dir, in W&B and in the sweep's `sweep_summary.jsonl`; the sweep carries on and its exit code says whether any
+job failed. Ctrl-C stops the sweep and says which jobs finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+SUMMARY_FILE = "sweep_summary.jsonl"
+OK_STATUSES = ("finished", "skipped", "planned")
+
+
+def classify(exc: BaseException) -> str:
+    """failed_oom | failed_nan | failed_config | failed: what a sweep table shows for a failed job."""
+    name = type(exc).__name__
+    if "OutOfMemory" in name:
+        return "failed_oom"
+    if name == "NonFiniteLossError":
+        return "failed_nan"
+    if name in ("ConfigError", "DataError"):
+        return "failed_config"
+    return "failed"
+
+
+def read_summary(job_dir: Path) -> dict[str, Any] | None:
+    path = job_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:  # jobs of a parallel launcher append concurrently
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _take_gpu(lock_dir: Path, gpus: list[int] | None):
+    """Hold a lock on a free GPU (one job per card) and make it the only one this process sees."""
+    import torch
+
+    visible = gpus if gpus is not None else list(range(torch.cuda.device_count()))
+    if len(visible) <= 1:
+        return None
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for gpu in visible:
+            handle = open(lock_dir / f"gpu{gpu}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before the first CUDA call of this process
+            return handle
+        time.sleep(1.0)
+
+
+def _child(container: dict[str, Any], overrides: list[str], lock_dir: str, gpus: list[int] | None) -> None:
+    """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
+    from qlora_lab.config import TrainConfig
+    from qlora_lab.run import run
+
+    gpu_lock = _take_gpu(Path(lock_dir), gpus)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    try:
+        run(cfg, overrides=overrides)
+    except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
+        job_dir = Path(container["output_dir"])
+        job_dir.mkdir(parents=True, exist_ok=True)
+        summary = read_summary(job_dir) or {}
+        if summary.get("summary/status") not in ("failed", "failed_oom", "failed_nan", "failed_config"):
+            summary.update({"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {e}"})
+            (job_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if gpu_lock is not None:
+            gpu_lock.close()
+
+
+def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str) -> dict[str, Any]:
+    """One multirun job: skipped if resuming and already finished, else trained in a child process."""
+    job_dir = Path(cfg.output_dir)
+    previous = read_summary(job_dir)
+    if cfg.sweep.resume and previous and previous.get("summary/status") == "finished":
+        print(f"qlora-lab: {job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
+        record = {**previous, "summary/status": "finished", "resumed": True}
+    else:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.sweep.isolate:
+            ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA context, allocator or RSS inherited
+            proc = ctx.Process(target=_child, args=(container, overrides, str(sweep_dir / ".gpu_locks"),
+                                                    list(cfg.sweep.gpus) if cfg.sweep.gpus is not None else None))
+            proc.start()
+            try:
+                proc.join()
+            except KeyboardInterrupt:
+                proc.terminate()
+                proc.join()
+                _append(sweep_dir / SUMMARY_FILE, {"job": job_name, "overrides": overrides,
+                                                   "summary/status": "interrupted"})
+                raise
+        else:
+            try:
+                from qlora_lab.run import run
+
+                run(cfg, overrides=overrides)
+            except Exception as e:  # in-process: record and go on, as the isolated path does
+                (job_dir / "summary.json").write_text(json.dumps(
+                    {"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {e}"}, indent=2))
+        record = read_summary(job_dir) or {"summary/status": "failed", "summary/reason": "the job wrote no summary"}
+    record = {"job": job_name, "overrides": overrides, "dir": str(job_dir), **record}
+    _append(sweep_dir / SUMMARY_FILE, record)
+    return record
+
+
+def report(sweep_dir: Path) -> tuple[str, int]:
+    """The sweep's table of jobs and how many did not end well (last record per job wins)."""
+    path = sweep_dir / SUMMARY_FILE
+    if not path.is_file():
+        return "", 0
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        latest[rec["job"]] = rec
+    lines = [f"{'job':<50} {'status':<14} {'final loss':>10} {'peak GiB':>9}  reason"]
+    bad = 0
+    for job, rec in latest.items():
+        status = rec.get("summary/status", "?")
+        bad += status not in OK_STATUSES
+        loss, peak = rec.get("summary/final_loss"), rec.get("summary/peak_memory_gib")
+        loss_s = "-" if loss is None else f"{loss:.4f}"
+        peak_s = "-" if peak is None else f"{peak:.3f}"
+        lines.append(f"{job[:50]:<50} {status:<14} {loss_s:>10} {peak_s:>9}  {str(rec.get('summary/reason', ''))[:80]}")
+    return "\n".join(lines), bad
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: print every job's status and exit non-zero if any failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table, bad = report(sweep_dir)
+        if not table:
+            return
+        print(f"qlora-lab: sweep {sweep_dir}\n{table}")
+        if bad:
+            print(f"qlora-lab: {bad} job(s) did not finish; see {sweep_dir / SUMMARY_FILE}", file=sys.stderr)
+            raise SystemExit(1)

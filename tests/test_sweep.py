@@ -1,0 +1,154 @@
+"""Sweeps: isolated jobs, failures recorded without stopping the sweep, W&B layout, resume, comparison report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import CONF, ROOT
+from test_cli import train_py
+from wandb_reader import read_run
+
+SWEEP = ["-m", "data.micro_batch_size=192,4", "optim.lr=3e-3,1e8", "checkpointing=none", "optim.max_steps=3",
+         "optim.warmup_steps=0", "logger.eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory, cache_dir):
+    out = tmp_path_factory.mktemp("sweep")
+    res = train_py(SWEEP, cache_dir, out, timeout=600)
+    jobs = {p.name: p for p in (out / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return out, res, jobs
+
+
+def _summary(job_dir):
+    return json.loads((job_dir / "summary.json").read_text())
+
+
+def test_failed_jobs_are_recorded_and_the_sweep_goes_on(sweep):
+    out, res, jobs = sweep
+    assert res.returncode == 1, res.stderr[-2000:]  # some job failed: the sweep says so
+    status = {name.split("_", 1)[0]: _summary(d)["summary/status"] for name, d in jobs.items()}
+    assert status == {"0": "finished", "1": "failed_nan", "2": "finished", "3": "failed_nan"}
+    assert "non-finite loss" in _summary(next(d for n, d in jobs.items() if n.startswith("1_")))["summary/reason"]
+    records = [json.loads(x) for x in (out / "sweep" / "sweep_summary.jsonl").read_text().splitlines()]
+    assert sorted(r["summary/status"] for r in records) == ["failed_nan", "failed_nan", "finished", "finished"]
+    assert "2 job(s) did not finish" in res.stderr
+
+
+def test_peak_memory_of_a_job_does_not_include_the_previous_job(sweep):
+    """Job 0 (192 sequences, no checkpointing) peaks high; job 2 (4 sequences) runs after it in the same sweep.
+    Its peak resident set (ru_maxrss, which never goes down within a process) must be its own."""
+    _, _, jobs = sweep
+    last = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
+    big = last(next(d for n, d in jobs.items() if n.startswith("0_")))["memory/peak_reserved_gib"]
+    small = last(next(d for n, d in jobs.items() if n.startswith("2_")))["memory/peak_reserved_gib"]
+    assert big > small + 0.2, (big, small)
+
+
+def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
+    out, _, jobs = sweep
+    runs = {n.split("_", 1)[0]: read_run(d) for n, d in jobs.items()}
+    assert {r["run"].run_group for r in runs.values()} == {"sweep"}
+    assert set(runs["0"]["run"].tags) == {"data.micro_batch_size=192", "optim.lr=0.003", "checkpointing=none",
+                                          "optim.max_steps=3", "optim.warmup_steps=0", "logger.eval_every=0"}
+    assert runs["0"]["config"]["data.micro_batch_size"] == 192 and runs["0"]["config"]["lora.r"] == 16
+    for key in ("summary/peak_memory_gib", "summary/tokens_per_s", "summary/final_loss", "summary/eval_loss"):
+        assert key in runs["0"]["summary"]
+    assert runs["0"]["summary"]["summary/status"] == "finished"
+    assert runs["1"]["summary"]["summary/status"] == "failed_nan"
+
+
+def test_compare_writes_the_table_and_plots(sweep):
+    from qlora_lab.compare import compare
+
+    out, _, _ = sweep
+    res = compare(out / "sweep")
+    assert res["header"][:3] == ["job", "data.micro_batch_size", "optim.lr"]
+    assert [r[3] for r in res["rows"]] == ["finished", "failed_nan", "finished", "failed_nan"]
+    assert "| finished |" in res["markdown"].read_text()
+    assert len(res["csv"].read_text().splitlines()) == 5
+    for png in res["plots"]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_resume_skips_finished_jobs(sweep, cache_dir):
+    out, _, jobs = sweep
+    before = {n: (d / "metrics.jsonl").stat().st_mtime for n, d in jobs.items() if n[0] in "02"}
+    res = train_py(SWEEP + ["sweep.resume=true"], cache_dir, out, timeout=600)
+    assert res.stdout.count("skipped (sweep.resume=true)") == 2
+    assert {n: (jobs[n] / "metrics.jsonl").stat().st_mtime for n in before} == before
+    assert res.returncode == 1  # the failed jobs ran again, and failed again
+
+
+def test_pareto_front_on_a_hand_made_example():
+    from qlora_lab.compare import pareto_front
+
+    pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 3.5), (4.0, 1.0), (2.5, 2.9), (5.0, 1.0)]
+    assert pareto_front(pts) == [0, 1, 4, 3]  # (3, 3.5) is beaten by (2, 3); (5, 1) by (4, 1)
+
+
+def test_gpu_slots_give_each_job_its_own_gpu(tmp_path, monkeypatch):
+    from qlora_lab.sweep import _take_gpu
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    first = _take_gpu(tmp_path, [0, 1])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    second = _take_gpu(tmp_path, [0, 1])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "1"
+    first.close()  # job 0 ended: its GPU is free again
+    third = _take_gpu(tmp_path, [0, 1])
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
+    second.close()
+    third.close()
+    assert _take_gpu(tmp_path, [3]) is None  # one GPU: nothing to arbitrate
+
+
+def test_launcher_configs_compose(compose):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    for launcher in ("local_gpus", "slurm_gpu"):
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name="train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+        assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+def test_wandb_sweep_yaml_builds_a_valid_train_command(compose):
+    """As far as the agent goes offline: the command it would run composes and validates."""
+    from omegaconf import OmegaConf
+
+    from qlora_lab.validate import validate
+
+    spec = yaml.safe_load((ROOT / "experiments" / "wandb_sweep.yaml").read_text())
+    assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
+    params = {k: (v["values"][0] if "values" in v else v["min"]) for k, v in spec["parameters"].items()}
+    args = [f"{k}={v}" for k, v in params.items()]  # what ${args_no_hyphens} expands to
+    cfg = OmegaConf.to_object(compose(args + ["device=cpu"]))
+    validate(cfg)
+    assert cfg.lora.r == params["lora.r"] and cfg.optim.lr == pytest.approx(params["optim.lr"])
+
+
+def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "lora.r=4,8,16", "optim.max_steps=400", "logger=none",
+           f"cache_dir={cache_dir}", "logger.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "sweep").glob("0_*/metrics.jsonl")) and time.time() < deadline:
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)  # the user's Ctrl-C reaches the sweep process
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "sweep interrupted" in err
+    records = [json.loads(x) for x in (tmp_path / "sweep" / "sweep_summary.jsonl").read_text().splitlines()]
+    assert records[-1]["summary/status"] == "interrupted" and records[-1]["job"].startswith("0_")
+    assert not list((tmp_path / "sweep").glob("1_*"))  # no later job started
