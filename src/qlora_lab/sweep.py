@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import fcntl
 import json
-import multiprocessing as mp
 import os
+import subprocess
 import sys
 import time
 import traceback
@@ -37,6 +37,8 @@ def classify(exc: BaseException) -> str:
         return "failed_nan"
     if name in ("ConfigError", "DataError"):
         return "failed_config"
+    if name == "KeyboardInterrupt":
+        return "interrupted"
     return "failed"
 
 
@@ -72,20 +74,22 @@ def _take_gpu(lock_dir: Path, gpus: list[int] | None):
         time.sleep(1.0)
 
 
-def _child(container: dict[str, Any], overrides: list[str], lock_dir: str, gpus: list[int] | None) -> None:
+def _child(config_path: Path) -> None:
     """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
+    container = json.loads(config_path.read_text())
+    gpus = container["sweep"]["gpus"]
+    gpu_lock = _take_gpu(config_path.parent.parent / ".gpu_locks", list(gpus) if gpus is not None else None)
     from qlora_lab.config import TrainConfig
     from qlora_lab.run import run
 
-    gpu_lock = _take_gpu(Path(lock_dir), gpus)
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container["config"])
     try:
-        run(cfg, overrides=overrides)
+        run(cfg, overrides=container["overrides"])
     except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
-        job_dir = Path(container["output_dir"])
+        job_dir = Path(cfg.output_dir)
         job_dir.mkdir(parents=True, exist_ok=True)
         summary = read_summary(job_dir) or {}
-        if summary.get("summary/status") not in ("failed", "failed_oom", "failed_nan", "failed_config"):
+        if not str(summary.get("summary/status", "")).startswith(("failed", "interrupted")):
             summary.update({"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {e}"})
             (job_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
         traceback.print_exc()
@@ -105,15 +109,18 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
     else:
         container = OmegaConf.to_container(cfg, resolve=True)
         if cfg.sweep.isolate:
-            ctx = mp.get_context("spawn")  # a fresh interpreter: no CUDA context, allocator or RSS inherited
-            proc = ctx.Process(target=_child, args=(container, overrides, str(sweep_dir / ".gpu_locks"),
-                                                    list(cfg.sweep.gpus) if cfg.sweep.gpus is not None else None))
-            proc.start()
+            # A fresh interpreter: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. A plain
+            # subprocess rather than multiprocessing, which clashes with the start methods of launchers' workers.
+            job_dir.mkdir(parents=True, exist_ok=True)
+            config_path = job_dir / "job_config.json"
+            config_path.write_text(json.dumps({"config": container, "overrides": overrides,
+                                               "sweep": container["sweep"]}, default=str))
+            proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.sweep", str(config_path)])
             try:
-                proc.join()
+                proc.wait()
             except KeyboardInterrupt:
                 proc.terminate()
-                proc.join()
+                proc.wait()
                 _append(sweep_dir / SUMMARY_FILE, {"job": job_name, "overrides": overrides,
                                                    "summary/status": "interrupted"})
                 raise
@@ -170,3 +177,7 @@ class SweepReport(Callback):
         if bad:
             print(f"qlora-lab: {bad} job(s) did not finish; see {sweep_dir / SUMMARY_FILE}", file=sys.stderr)
             raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))
