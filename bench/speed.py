@@ -4,7 +4,7 @@
   python bench/speed.py --shapes phi4mini --batches 1 4 --variants default liger
   python bench/speed.py --worker phi4mini 4 2048 [hydra overrides...]   # one qlora-lab run, prints one JSON line
 
-Timing is the peers' (../shared/bench, carried as .peers/): random-init weights of the real shape, random token
+Timing is the peers' (their scripts copied into .peers/): random-init weights of the real shape, random token
 ids, seq 2048, LoRA r16 alpha 32 on every linear layer, dropout 0, 6 optimizer steps, median step time of the
 last 4, peak allocated CUDA memory over the whole run (load included). Run it on the GPU machine; compare ratios
 within one call, since absolute figures drift between machines.
