@@ -49,6 +49,7 @@ def test_phi4_experiment_reproduces_the_seed_setup(compose):
     assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.target_modules) == (16, 32, ["all-linear"])
     assert cfg.checkpointing.enabled and not cfg.checkpointing.use_reentrant
     assert cfg.data.micro_batch_size == 4
+    assert cfg.model.kernels == "auto" and cfg.lora.adapter_dtype == "bfloat16"  # the measured-fastest levers
 
 
 def test_unknown_group_option_lists_the_valid_ones(compose):
@@ -131,3 +132,15 @@ def test_local_model_path_without_checkpoint(compose, tmp_path):
 def test_liger_kernels_need_cuda(compose):
     with pytest.raises(ConfigError, match="model.kernels=none on the CPU"):
         v.validate(OmegaConf.to_object(compose(["model.kernels=liger", "device=cpu"])))
+
+
+def test_kernels_auto_resolves_to_liger_only_where_it_can_run(compose, monkeypatch):
+    import sys
+
+    from qlora_lab.load import resolve_kernels
+
+    m = OmegaConf.to_object(compose(["experiment=phi4_mini_qlora"])).model
+    assert m.kernels == "auto"
+    assert resolve_kernels(m, "phi3", "cpu") == "none"
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # not installed
+    assert resolve_kernels(m, "phi3", "cuda") == "none"

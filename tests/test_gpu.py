@@ -70,3 +70,12 @@ def test_cuda_sweep_job_peak_is_its_own(cache_dir, tmp_path):
     peaks = {p.parent.name[0]: json.loads(p.read_text())["summary/peak_memory_gib"]
              for p in (tmp_path / "sweep").glob("*/summary.json")}
     assert peaks["0"] > 2 * peaks["1"], peaks
+
+
+def test_kernels_auto_picks_liger_on_cuda_and_trains(compose, tmp_path):
+    from qlora_lab.run import run
+
+    summary = run(compose(["model.kernels=auto", "lora.adapter_dtype=bfloat16", "optim.lr=3e-3",
+                           "optim.max_steps=40", "logger=none", "device=cuda"]))
+    assert summary["summary/kernels"] == "liger"
+    assert summary["summary/final_loss"] < summary["summary/first_loss"] - 1.0

@@ -34,8 +34,9 @@ class ModelConfig:
     # fp32 upcast after loading: none (fastest; HF norms already reduce in fp32), norms (layer norms only),
     # all (every non-quantized parameter, what peft's prepare_model_for_kbit_training does: most memory).
     upcast: str = "none"
-    # none | liger: liger-kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (the full
-    # vocab x tokens logits are never materialized: GiBs less at large vocabularies). CUDA only.
+    # none | liger | auto: liger-kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (the full
+    # vocab x tokens logits are never materialized: GiBs less at large vocabularies). CUDA only; auto = liger
+    # on CUDA when liger-kernel is installed and has kernels for the model type, else none.
     kernels: str = "none"
 
 

@@ -32,6 +32,19 @@ def load_tokenizer(path: str, m: ModelConfig):
     return tok
 
 
+def resolve_kernels(m: ModelConfig, model_type: str, device: str) -> str:
+    """model.kernels=auto -> liger where it can run (CUDA, liger-kernel installed, model type supported)."""
+    if m.kernels != "auto":
+        return m.kernels
+    if device != "cuda":
+        return "none"
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        return "none"
+    return "liger" if model_type in MODEL_TYPE_TO_APPLY_LIGER_FN else "none"
+
+
 def apply_kernels(path: str, m: ModelConfig) -> None:
     """Patch the model class with liger-kernel's Triton kernels before it is instantiated."""
     if m.kernels == "none":

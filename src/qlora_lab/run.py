@@ -52,6 +52,10 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     # Everything that can be checked without a model is checked first, and all problems are reported at once.
     validate(tcfg)
     device = resolve_device(tcfg.device)
+    if tcfg.model.kernels == "auto":
+        from qlora_lab.ledger import model_config
+
+        tcfg.model.kernels = load.resolve_kernels(tcfg.model, model_config(tcfg).model_type, device)
     ledger, budget = plan.resolve(tcfg, device)  # from the architecture alone: no weights are read
     if tcfg.mode == "plan":
         print(plan.plan_report(tcfg, ledger, budget, overrides))
@@ -119,6 +123,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
             "summary/wall_time_s": time.perf_counter() - t_start,
             "summary/status": "finished",
             "summary/micro_batch": tcfg.data.micro_batch_size,
+            "summary/kernels": tcfg.model.kernels,
             "summary/predicted_peak_gib": ledger.peak_gib,
             "summary/adapter_dir": str(adapter_dir),
         })

@@ -104,8 +104,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"model.attn_implementation={m.attn_implementation!r} is not one of {', '.join(ATTN_IMPLS)}")
     if m.upcast not in ("none", "norms", "all"):
         p.append(f"model.upcast={m.upcast!r} is not one of none, norms, all")
-    if m.kernels not in ("none", "liger"):
-        p.append(f"model.kernels={m.kernels!r} is not one of none, liger")
+    if m.kernels not in ("none", "liger", "auto"):
+        p.append(f"model.kernels={m.kernels!r} is not one of none, liger, auto")
     elif m.kernels == "liger" and device != "cuda":
         p.append("model.kernels=liger runs Triton kernels that need a CUDA device; use model.kernels=none on the CPU")
     if m.max_seq_len <= 0:
