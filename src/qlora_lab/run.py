@@ -55,7 +55,9 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     if tcfg.model.kernels == "auto":
         from qlora_lab.ledger import model_config
 
-        tcfg.model.kernels = load.resolve_kernels(tcfg.model, model_config(tcfg).model_type, device)
+        # A plan describes a CUDA step wherever it is printed, so it resolves `auto` as a GPU run would.
+        target = "cuda" if tcfg.mode == "plan" else device
+        tcfg.model.kernels = load.resolve_kernels(tcfg.model, model_config(tcfg).model_type, target)
     ledger, budget = plan.resolve(tcfg, device)  # from the architecture alone: no weights are read
     if tcfg.mode == "plan":
         print(plan.plan_report(tcfg, ledger, budget, overrides))
