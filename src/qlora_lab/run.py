@@ -135,11 +135,9 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
             print("qlora-lab: memory ledger, predicted vs measured (GiB allocated):\n" + ledger_table)
         return summary
     except BaseException as e:  # recorded in the run dir and in W&B, so a sweep table can say why it ended
-        from qlora_lab.sweep import classify
+        from qlora_lab.sweep import record_failure
 
-        failed = {"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {str(e)[:500]}"}
-        (out_dir / "summary.json").write_text(json.dumps(failed, indent=2))
-        logger.summary(failed)
+        logger.summary(record_failure(out_dir, e))
         raise
     finally:
         logger.close()

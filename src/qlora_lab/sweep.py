@@ -47,6 +47,16 @@ def read_summary(job_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def record_failure(job_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """Write why a job ended into its summary.json, keeping a failure record an inner layer already wrote."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    summary = read_summary(job_dir) or {}
+    if not str(summary.get("summary/status", "")).startswith(("failed", "interrupted")):
+        summary.update({"summary/status": classify(exc), "summary/reason": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        (job_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
 def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:  # jobs of a parallel launcher append concurrently
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -77,7 +87,7 @@ def _take_gpu(lock_dir: Path, gpus: list[int] | None):
 def _child(config_path: Path) -> None:
     """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
     container = json.loads(config_path.read_text())
-    gpus = container["sweep"]["gpus"]
+    gpus = container["config"]["sweep"]["gpus"]
     gpu_lock = _take_gpu(config_path.parent.parent / ".gpu_locks", list(gpus) if gpus is not None else None)
     from qlora_lab.config import TrainConfig
     from qlora_lab.run import run
@@ -86,12 +96,7 @@ def _child(config_path: Path) -> None:
     try:
         run(cfg, overrides=container["overrides"])
     except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
-        job_dir = Path(cfg.output_dir)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        summary = read_summary(job_dir) or {}
-        if not str(summary.get("summary/status", "")).startswith(("failed", "interrupted")):
-            summary.update({"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {e}"})
-            (job_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        record_failure(Path(cfg.output_dir), e)
         traceback.print_exc()
         sys.exit(1)
     finally:
@@ -113,8 +118,7 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
             # subprocess rather than multiprocessing, which clashes with the start methods of launchers' workers.
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
-            config_path.write_text(json.dumps({"config": container, "overrides": overrides,
-                                               "sweep": container["sweep"]}, default=str))
+            config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
             proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.sweep", str(config_path)])
             try:
                 proc.wait()
@@ -130,8 +134,7 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
 
                 run(cfg, overrides=overrides)
             except Exception as e:  # in-process: record and go on, as the isolated path does
-                (job_dir / "summary.json").write_text(json.dumps(
-                    {"summary/status": classify(e), "summary/reason": f"{type(e).__name__}: {e}"}, indent=2))
+                record_failure(job_dir, e)
         record = read_summary(job_dir) or {"summary/status": "failed", "summary/reason": "the job wrote no summary"}
     record = {"job": job_name, "overrides": overrides, "dir": str(job_dir), **record}
     _append(sweep_dir / SUMMARY_FILE, record)
