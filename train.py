@@ -20,8 +20,10 @@ def main(cfg: DictConfig) -> float:
     from hydra.types import RunMode
 
     from qlora_lab import sweep
+    from qlora_lab.checkpoint import CheckpointError
     from qlora_lab.data import DataError
     from qlora_lab.run import run
+    from qlora_lab.train import NonFiniteLossError
     from qlora_lab.validate import ConfigError
 
     hc = HydraConfig.get()
@@ -37,9 +39,15 @@ def main(cfg: DictConfig) -> float:
         return record.get("summary/final_loss", float("nan"))
     try:
         summary = run(cfg, overrides=overrides)
-    except (ConfigError, DataError) as e:  # bad input: the message says what to fix; a traceback adds nothing
+    except (ConfigError, DataError, CheckpointError) as e:  # the message says what to fix; a traceback adds nothing
         print(f"qlora-lab: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"qlora-lab: {e}", file=sys.stderr)
+        sys.exit(3)
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the loop wrote a checkpoint at the step boundary
+        print(f"qlora-lab: {e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
     return summary.get("summary/final_loss", float("nan"))  # what a sweeper optimizes
 
 

@@ -41,10 +41,19 @@ def records(path: Path):
 
 def read_run(run_dir: Path) -> dict[str, Any]:
     """{'run': Record.run, 'config': {...}, 'history': [{...}], 'summary': {...}} of the one run under run_dir."""
-    files = sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 1, f"expected one offline W&B run under {run_dir}, found {files}"
+    runs = read_runs(run_dir)
+    assert len(runs) == 1, f"expected one offline W&B run under {run_dir}, found {len(runs)}"
+    return runs[0]
+
+
+def read_runs(run_dir: Path) -> list[dict[str, Any]]:
+    """Every offline W&B run file under run_dir (a resumed run adds one per resume), oldest first."""
+    return [read_file(f) for f in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def read_file(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"run": None, "config": {}, "history": [], "summary": {}}
-    for rec in records(files[0]):
+    for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = rec.run

@@ -149,6 +149,23 @@ class SweepConfig:
 
 
 @dataclass
+class SaveConfig:
+    """Resumable checkpoints of the training state (not to be confused with activation `checkpointing`)."""
+
+    every_steps: int = 0  # steps between checkpoints (0 = none, except on Ctrl-C/SIGTERM when on_signal)
+    keep_last: int = 2  # checkpoints kept in <run dir>/checkpoints; older ones are deleted once a newer one is whole
+    on_signal: bool = True  # Ctrl-C (SIGINT) or SIGTERM: finish the step, write a checkpoint, exit with status 130
+
+
+@dataclass
+class GuardConfig:
+    """What a non-finite (NaN/inf) loss or gradient norm does; either way a diagnostic file is written."""
+
+    nonfinite: str = "stop"  # stop (end the run, status failed_nan) | skip (drop the update and go on)
+    max_skips: int = 10  # with skip: stop anyway once this many steps were skipped
+
+
+@dataclass
 class TrainConfig:
     """The whole run: one field per config group, plus run-level settings."""
 
@@ -161,6 +178,11 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    save: SaveConfig = field(default_factory=SaveConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    # null (start fresh) | auto (the latest valid checkpoint in the run dir, else start fresh) | a path (a run dir
+    # or one of its checkpoints/step_* dirs: training continues in that run dir, in the same W&B run)
+    resume: Optional[str] = None
     mode: str = "train"  # train | plan (print the memory ledger and exit, without loading weights)
     seed: int = 0
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda

@@ -101,6 +101,16 @@ def read_rows(d: DataConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def check_size(rows: list[Any], d: DataConfig) -> None:
+    """At least one full micro-batch must be left for training once the eval rows are held out."""
+    n_eval = min(int(len(rows) * d.eval_fraction), d.max_eval_rows)
+    n_train, mb = len(rows) - n_eval, d.micro_batch_size
+    if isinstance(mb, int) and n_train < mb:
+        raise DataError(f"the dataset has {len(rows)} rows, {n_train} left for training after {n_eval} eval rows: "
+                        f"fewer than one micro-batch (data.micro_batch_size={mb}); set data.micro_batch_size<={n_train} "
+                        "or add rows")
+
+
 def fingerprint(rows: list[dict[str, Any]]) -> str:
     h = hashlib.sha256()
     for row in rows:
@@ -181,11 +191,17 @@ def collate(batch: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
             "row": torch.tensor([e.row for e in batch])}
 
 
-def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle: bool, seed: int,
-            epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """One epoch of micro-batches; the order depends only on (seed, epoch), so it can be replayed."""
-    order = list(range(len(examples)))
+def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    """The sample order of one epoch: a function of (seed, epoch) only, so a resumed run replays it."""
+    order = list(range(n))
     if shuffle:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return order
+
+
+def batches(examples: list[Example], batch_size: int, pad_id: int, shuffle: bool, seed: int,
+            epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of micro-batches in `epoch_order`."""
+    order = epoch_order(len(examples), shuffle, seed, epoch)
     for start in range(0, len(order), batch_size):
         yield collate([examples[i] for i in order[start:start + batch_size]], pad_id)

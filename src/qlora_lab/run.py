@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapt, data, load, plan, prepare, quantize, save
+from qlora_lab import adapt, checkpoint, data, load, plan, prepare, quantize, save
 from qlora_lab.config import TrainConfig
 from qlora_lab.metrics import JsonlSink, MetricLogger, WandbSink, flatten, memory_now, reset_peak
 from qlora_lab.train import train
@@ -29,17 +29,39 @@ def seed_everything(seed: int) -> None:
 
 
 # Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
-NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "hydra.")
+NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "hydra.")
 
 
-def build_logger(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], overrides: list[str]) -> MetricLogger:
-    sinks: list = [JsonlSink(out_dir / "metrics.jsonl")]
+def build_logger(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], overrides: list[str],
+                 resume: tuple[str | None, int] | None = None) -> MetricLogger:
+    """metrics.jsonl and W&B; `resume=(wandb run id, step)` continues both after that step."""
+    jsonl = JsonlSink(out_dir / "metrics.jsonl", resume_step=resume[1] if resume else None)
+    sinks: list = [jsonl]
     tags = [o for o in overrides if not o.startswith(NOT_TAGS)]
     if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
         sinks.append(WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode,
                                run_dir=out_dir, name=cfg.run_name, group=cfg.sweep_id,
-                               tags=list(cfg.tags) + tags, config=flatten(config)))
+                               tags=list(cfg.tags) + tags, config=flatten(config),
+                               resume=(resume[0], jsonl.records()) if resume and resume[0] else None))
     return MetricLogger(sinks)
+
+
+def find_resume(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], fingerprint: str,
+                overrides: list[str]) -> Path | None:
+    """The checkpoint `cfg.resume` names, checked against this config and data; None to start fresh."""
+    if not cfg.resume:
+        return None
+    ckpt = checkpoint.find(cfg.resume, out_dir)
+    if ckpt is None:
+        print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; starting from step 0")
+        return None
+    allowed = checkpoint.check_compatible(ckpt, config, fingerprint)
+    step = checkpoint.step_of(ckpt)
+    run_dir = checkpoint.run_dir_of(ckpt)
+    print(f"qlora-lab: resuming {run_dir} from {ckpt.name} (step {step})"
+          + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in allowed) if allowed else ""))
+    save.record_resume(run_dir, checkpoint=ckpt, step=step, overrides=overrides, differences=allowed)
+    return ckpt
 
 
 def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -69,10 +91,18 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     if tcfg.plan.skip_unfit and plan.fits(ledger, budget, tcfg.plan.safety_margin) is False:
         return _skip(out_dir, ledger, budget, tcfg)
     rows = data.read_rows(tcfg.data)
+    data.check_size(rows, tcfg.data)
+    fingerprint = data.fingerprint(rows)
+    ckpt = find_resume(tcfg, out_dir, config, fingerprint, overrides)
+    if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
+        out_dir = checkpoint.run_dir_of(ckpt)
+        tcfg.output_dir = str(out_dir)
+        saved = json.loads((ckpt / "trainer_state.json").read_text())
+        resume = (saved["trainer"]["wandb_id"], saved["step"])
     seed_everything(tcfg.seed)
     t_start = time.perf_counter()
 
-    logger = build_logger(tcfg, out_dir, config, overrides)
+    logger = build_logger(tcfg, out_dir, config, overrides, resume if ckpt is not None else None)
     try:
         phases: dict[str, float] = {}
 
@@ -82,6 +112,9 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         reset_peak(device)
         model_path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed, device)
         tokenizer = load.load_tokenizer(model_path, tcfg.model)
+        # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
+        examples = data.build_examples(rows, tokenizer, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
+        train_set, eval_set = data.split_eval(examples, tcfg.data, tcfg.seed)
         bnb_config = quantize.build_bnb_config(tcfg.quantization)
         model = load.load_model(model_path, tcfg.model, bnb_config, device)
         phase("load")
@@ -99,15 +132,15 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
                 ledger = plan.predict(tcfg, mb)
         phases.update(plan.predicted_metrics(ledger))
 
-        examples = data.build_examples(rows, tokenizer, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
-        train_set, eval_set = data.split_eval(examples, tcfg.data, tcfg.seed)
-        fingerprint = data.fingerprint(rows)
-        save.write_run_info(out_dir, config=config, overrides=overrides, device=device,
-                            dataset_fingerprint=fingerprint, model_path=model_path)
+        if ckpt is None:
+            save.write_run_info(out_dir, config=config, overrides=overrides, device=device,
+                                dataset_fingerprint=fingerprint, model_path=model_path)
         print(f"qlora-lab: {tcfg.run_name}: {trainable:,} trainable / {total:,} parameters, "
               f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}")
 
-        summary = train(model, tokenizer, train_set, eval_set, tcfg, logger, device, phases)
+        checkpointer = checkpoint.Checkpointer(out_dir, tcfg.save.keep_last, config, fingerprint)
+        summary = train(model, tokenizer, train_set, eval_set, tcfg, logger, device, phases, run_dir=out_dir,
+                        checkpointer=checkpointer, resume_from=ckpt)
         adapter_dir = save.save_adapter(model, tokenizer, out_dir)
         ledger_table = ""
         if device == "cuda":  # the ledger predicts CUDA allocator bytes; CPU RSS is not comparable

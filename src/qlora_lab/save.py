@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
 import platform
+import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,28 @@ PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "data
 
 
 def save_adapter(model, tokenizer, out_dir: Path) -> Path:
-    """`PeftModel.from_pretrained(base, out_dir / "adapter")` loads what this writes."""
-    target = out_dir / "adapter"
-    model.save_pretrained(target)
-    tokenizer.save_pretrained(target)
+    """`PeftModel.from_pretrained(base, out_dir / "adapter")` loads what this writes.
+
+    Written next to its final place and renamed into it, so a failed write (a full disk) leaves any earlier
+    adapter whole and no half-written one.
+    """
+    target, tmp, old = out_dir / "adapter", out_dir / ".adapter.tmp", out_dir / ".adapter.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    except (OSError, RuntimeError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        from qlora_lab.checkpoint import CheckpointError, valid_checkpoints
+
+        kept = valid_checkpoints(out_dir)
+        raise CheckpointError(f"writing the adapter to {target} failed ({type(e).__name__}: {e}); free space and "
+                              + (f"rerun with resume=auto (checkpoint {kept[-1].name} is whole)" if kept else
+                                 "rerun")) from e
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
     return target
 
 
@@ -71,3 +92,15 @@ def write_run_info(out_dir: Path, *, config: dict[str, Any], overrides: list[str
         "config": config,
     }
     (out_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def record_resume(out_dir: Path, *, checkpoint: Path, step: int, overrides: list[str],
+                  differences: list[str]) -> None:
+    """Add this resume to run_info.json's `resumes`: from where, with which command and config differences."""
+    path = out_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    commit = _git("rev-parse", "HEAD")
+    info.setdefault("resumes", []).append({
+        "checkpoint": str(checkpoint), "step": step, "overrides": overrides, "config_differences": differences,
+        "git_commit": commit.strip() if commit else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    path.write_text(json.dumps(info, indent=2, default=str))

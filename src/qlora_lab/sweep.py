@@ -30,14 +30,14 @@ OK_STATUSES = ("finished", "skipped", "planned")
 
 def classify(exc: BaseException) -> str:
     """failed_oom | failed_nan | failed_config | failed: what a sweep table shows for a failed job."""
-    name = type(exc).__name__
-    if "OutOfMemory" in name:
+    names = {t.__name__ for t in type(exc).__mro__}  # by name: no torch/qlora_lab import needed here
+    if any("OutOfMemory" in n for n in names):
         return "failed_oom"
-    if name == "NonFiniteLossError":
+    if "NonFiniteLossError" in names:
         return "failed_nan"
-    if name in ("ConfigError", "DataError"):
+    if names & {"ConfigError", "DataError", "CheckpointError"}:
         return "failed_config"
-    if name == "KeyboardInterrupt":
+    if "KeyboardInterrupt" in names:
         return "interrupted"
     return "failed"
 
