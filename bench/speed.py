@@ -77,10 +77,57 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
         losses.append(float(loss))
+    if os.environ.get("QLAB_PROFILE"):
+        profile(lambda: _step(model, batch, opt), int(os.environ["QLAB_PROFILE"]))
     med = sorted(times[2:])[len(times[2:]) // 2]
     return dict(tok_s=round(bs * seq / med), step_s=round(med, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
                 load_gib=round(load_gib, 2), loss0=round(losses[0], 4), trainable=sum(p.numel() for p in params),
                 pred_gib=round(predicted.peak_gib, 2), pred_where=predicted.peak_where)
+
+
+def _step(model, batch, opt) -> None:
+    from qlora_lab.train import count_label_tokens, forward_loss
+
+    loss = forward_loss(model, batch, "cuda", count_label_tokens(batch))
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# Kernel name fragments -> what they are, for the profile summary.
+KINDS = [("gemm", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
+         ("dequantize 4-bit", ("kDequantize", "dequantize")),
+         ("attention", ("flash", "fmha", "attention", "efficient")),
+         ("liger/triton", ("liger", "triton", "_rms", "swiglu", "rope", "cross_entropy")),
+         ("optimizer", ("adam", "multi_tensor")),
+         ("copies", ("memcpy", "Memcpy", "copy_", "CatArrayBatched")),
+         ("elementwise/reduce", ("elementwise", "vectorized", "reduce", "unrolled"))]
+
+
+def profile(step, n: int) -> None:
+    """torch.profiler over `n` steps: CUDA time by kind of kernel and the top kernels, printed as tables."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / n
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" and e.self_device_time_total > 0]
+    total = sum(e.self_device_time_total for e in events) / n / 1e6
+    by_kind: dict[str, float] = {}
+    for e in events:
+        kind = next((k for k, frags in KINDS if any(f in e.key for f in frags)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + e.self_device_time_total / n / 1e6
+    print(f"PROFILE step wall {wall:.3f} s (under the profiler), GPU busy {total:.3f} s ({total / wall:.0%})")
+    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"PROFILE kind {k:<22} {v:7.3f} s {v / total:6.1%}")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
+        print(f"PROFILE top {e.self_device_time_total / n / 1e3:9.1f} ms x{e.count // n:<5} {e.key[:110]}")
 
 
 def _last_json(text: str) -> dict | None:

@@ -63,6 +63,8 @@ class Arch:
     other_params: int  # embeddings, LM head (if untied), norms
     largest_linear: int  # elements of the largest quantized weight (dequantized in full for each matmul)
     max_positions: int | None
+    module_names: list[str] = field(default_factory=list)  # every module's full name (what LoRA targets match)
+    linear_suffixes: list[str] = field(default_factory=list)  # distinct last name parts of the nn.Linear modules
 
 
 def model_config(cfg: TrainConfig):
@@ -117,6 +119,9 @@ def read_arch(cfg: TrainConfig) -> Arch:
         layer_linears=layer_linears, linear_params=linear_params, linear_numels=numels,
         other_params=total - linear_params,
         largest_linear=largest, max_positions=getattr(config, "max_position_embeddings", None),
+        module_names=[n for n, _ in model.named_modules() if n],
+        linear_suffixes=sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                                if isinstance(mod, torch.nn.Linear)}),
     )
 
 

@@ -8,6 +8,7 @@ import torch
 
 from qlora_lab.config import TrainConfig
 from qlora_lab.ledger import GIB, Arch, Ledger, predict, read_arch
+from qlora_lab.validate import ConfigError
 
 PHASES = ("load", "wrap", "first_forward", "first_backward", "first_optimizer_step", "step_peak")
 
@@ -59,9 +60,21 @@ def verify_micro_batch(mb: int, try_step: Callable[[int], None]) -> tuple[int, l
             mb //= 2
 
 
+def check_lora_targets(cfg: TrainConfig, arch: Arch) -> None:
+    """Each named LoRA target must match a module (as peft matches: the full name or its last parts)."""
+    targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"]:
+        return
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in arch.module_names)]
+    if unmatched:
+        raise ConfigError([f"lora.target_modules names {unmatched} but model {cfg.model.name} has no such module; "
+                           f"its linear layers are named {', '.join(arch.linear_suffixes)} (or use [all-linear])"])
+
+
 def resolve(cfg: TrainConfig, device: str) -> tuple[Ledger, float | None]:
     """The run's ledger (picking the micro-batch when it is `auto`) and the budget it was judged against."""
     arch = read_arch(cfg)
+    check_lora_targets(cfg, arch)
     budget = gpu_budget_gib(cfg, device)
     if cfg.data.micro_batch_size == "auto":
         ledger = pick_micro_batch(cfg, arch, budget)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import os
+import socket
+import tempfile
 from pathlib import Path
 
 from qlora_lab.config import TrainConfig
@@ -80,6 +82,44 @@ def _wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
+def _not_writable(path: str) -> str | None:
+    """None if `path` is (or can be made) a directory this process can write a file into, else why not."""
+    target = Path(path).expanduser()
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=target, prefix=".qlab-write-test-"):
+            pass
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def _hub_host() -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(_hub_host(), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_model_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library rejects: let from_pretrained say why
+        return True
+
+
 def validate(cfg: TrainConfig) -> None:
     """Raise ConfigError listing every problem in `cfg`; return None when it can run."""
     p: list[str] = []
@@ -130,7 +170,7 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"quantization.compute_dtype={q.compute_dtype!r} is not one of {', '.join(DTYPES)}")
     if q.quant_storage not in ("uint8",) + DTYPES:
         p.append(f"quantization.quant_storage={q.quant_storage!r} is not one of uint8, {', '.join(DTYPES)}")
-    if q.bits in (4, 8):
+    if q.bits in (4, 8) and q.quant_type in ("nf4", "fp4"):  # a bad type is reported above, not as a backend gap
         why = quant_backend_problem(device, q.bits, q.quant_type)
         if why:
             p.append(f"quantization={q.name} needs a bitsandbytes backend for '{device}': {why}; "
@@ -208,6 +248,32 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"logger.log_every={lg.log_every} must be >= 1")
     if lg.eval_every < 0:
         p.append(f"logger.eval_every={lg.eval_every} must be >= 0")
+
+    # checkpoints, resume, the NaN guard
+    if cfg.save.every_steps < 0:
+        p.append(f"save.every_steps={cfg.save.every_steps} must be >= 0 (0 = no periodic checkpoints)")
+    if cfg.save.keep_last < 1:
+        p.append(f"save.keep_last={cfg.save.keep_last} must be >= 1 (the checkpoint a resume needs)")
+    if cfg.guard.nonfinite not in ("stop", "skip"):
+        p.append(f"guard.nonfinite={cfg.guard.nonfinite!r} is not one of stop, skip")
+    if cfg.guard.max_skips < 0:
+        p.append(f"guard.max_skips={cfg.guard.max_skips} must be >= 0")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).expanduser().exists():
+        p.append(f"resume={cfg.resume}: no such path; give a run dir or one of its checkpoints/step_* dirs, "
+                 "or resume=auto")
+
+    # where the run writes, and where the model comes from
+    if cfg.mode == "train":
+        for key in ("output_dir", "cache_dir"):
+            why = _not_writable(getattr(cfg, key))
+            if why:
+                p.append(f"{key}={getattr(cfg, key)} is not writable ({why}); point it at a writable directory"
+                         + (" (hydra.run.dir=... sets the run dir)" if key == "output_dir" else ""))
+        if not m.build and not _looks_local(m.path) and not Path(m.path).expanduser().exists() \
+                and not _hub_model_cached(m.path) and not hub_reachable():
+            p.append(f"model.path={m.path} is not in the local Hugging Face cache and {_hub_host()[0]} cannot be "
+                     f"reached; on a machine with access run `hf download {m.path}` and copy the "
+                     "cache (HF_HOME), or set model.path to a local checkpoint directory")
 
     # plan / mode
     if cfg.mode not in ("train", "plan"):
