@@ -111,3 +111,18 @@ def test_cuda_kill_and_resume_within_tolerance(cache_dir, tmp_path):
     resumed = max(abs(x["train/loss"] - y["train/loss"]) for x, y in zip(a, k))
     print(f"\nCUDA loss max |diff|: run to run {run_to_run:.3e}, killed+resumed vs uninterrupted {resumed:.3e}")
     assert resumed <= max(1e-3, 10 * run_to_run)
+
+
+def test_cuda_fused_lora_trains_like_peft(compose, tmp_path):
+    from qlora_lab.run import run
+
+    losses = {}
+    for kernel in ("peft", "fused"):
+        out = tmp_path / kernel
+        run(compose([f"lora.kernel={kernel}", "lora.adapter_dtype=bfloat16", "optim.lr=3e-3", "optim.max_steps=40",
+                     "logger=none", "device=cuda", "logger.eval_every=0"], out=out))
+        losses[kernel] = [json.loads(x)["train/loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                          if "train/loss" in x]
+    assert losses["fused"][0] == pytest.approx(losses["peft"][0], abs=1e-2)
+    assert losses["fused"][-1] < losses["fused"][0] - 1.0
+    assert abs(sum(losses["fused"][-5:]) - sum(losses["peft"][-5:])) / 5 < 0.1 * abs(sum(losses["peft"][-5:]) / 5)

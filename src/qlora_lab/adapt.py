@@ -46,6 +46,10 @@ def wrap_model(model: torch.nn.Module, lo: LoraConfig, q: QuantizationConfig) ->
         for name, param in model.named_parameters():
             if param.requires_grad:
                 param.data = param.data.to(torch.bfloat16)
+    if lo.kernel == "fused":
+        from qlora_lab.fused_lora import fuse
+
+        fuse(model)
     return model
 
 

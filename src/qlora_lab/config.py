@@ -68,6 +68,9 @@ class LoraConfig:
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
     init: str = "default"  # default (kaiming A, zero B) | gaussian | pissa | loftq
     adapter_dtype: str = "float32"  # float32 (PEFT's default upcast) | bfloat16 (less memory, faster)
+    # peft (PEFT's modules) | fused (one autograd function per 4-bit layer: the LoRA add and scale ride on the
+    # base GEMM, no output copy; needs a 4-bit base and adapter_dtype = quantization.compute_dtype)
+    kernel: str = "peft"
 
 
 @dataclass

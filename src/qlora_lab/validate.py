@@ -194,6 +194,17 @@ def validate(cfg: TrainConfig) -> None:
                  "(and quantize the residual model afterwards), or lora.init=default with a quantized base")
     if lo.adapter_dtype not in ("float32", "bfloat16"):
         p.append(f"lora.adapter_dtype={lo.adapter_dtype!r} is not one of float32, bfloat16")
+    if lo.kernel not in ("peft", "fused"):
+        p.append(f"lora.kernel={lo.kernel!r} is not one of peft, fused")
+    elif lo.kernel == "fused":
+        if q.bits != 4:
+            p.append("lora.kernel=fused fuses LoRA into 4-bit layers; use lora.kernel=peft with "
+                     f"quantization={q.name}")
+        elif lo.adapter_dtype != q.compute_dtype:
+            p.append(f"lora.kernel=fused computes in one dtype; set lora.adapter_dtype={q.compute_dtype} "
+                     f"(= quantization.compute_dtype) or lora.kernel=peft")
+        if lo.use_dora:
+            p.append("lora.kernel=fused is plain LoRA; use lora.kernel=peft with DoRA")
 
     # checkpointing
     if ck.offload_to_cpu and not ck.enabled:
