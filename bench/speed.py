@@ -29,6 +29,8 @@ VARIANTS = {
     "liger": ["model.kernels=liger"],
     "liger_bf16": ["model.kernels=liger", "lora.adapter_dtype=bfloat16"],
     "liger_bf16_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "checkpointing=offload"],
+    "fused": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused"],
+    "fused_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused", "checkpointing=offload"],
 }
 COMMON = ["lora.dropout=0", "logger=none", "device=cuda", "checkpointing=non_reentrant", "quantization=nf4"]
 
@@ -112,7 +114,7 @@ def profile(step, n: int) -> None:
 
     torch.cuda.synchronize()
     t = time.perf_counter()
-    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(n):
             step()
         torch.cuda.synchronize()
@@ -128,6 +130,11 @@ def profile(step, n: int) -> None:
         print(f"PROFILE kind {k:<22} {v:7.3f} s {v / total:6.1%}")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         print(f"PROFILE top {e.self_device_time_total / n / 1e3:9.1f} ms x{e.count // n:<5} {e.key[:110]}")
+    # Which framework ops launch the copies, with their input shapes: where layout changes and casts happen.
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)
+           if e.key in ("aten::copy_", "aten::cat", "aten::contiguous", "aten::to", "aten::clone")]
+    for e in sorted(ops, key=lambda e: -e.device_time_total)[:12]:
+        print(f"PROFILE copy-op {e.device_time_total / n / 1e3:8.1f} ms x{e.count // n:<5} {e.key} {e.input_shapes}"[:170])
 
 
 def _last_json(text: str) -> dict | None:

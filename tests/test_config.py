@@ -51,6 +51,7 @@ def test_phi4_experiment_reproduces_the_seed_setup(compose):
     assert cfg.checkpointing.enabled and not cfg.checkpointing.use_reentrant
     assert cfg.data.micro_batch_size == 4
     assert cfg.model.kernels == "auto" and cfg.lora.adapter_dtype == "bfloat16"  # the measured-fastest levers
+    assert cfg.lora.kernel == "fused"
 
 
 def test_unknown_group_option_lists_the_valid_ones(compose):

@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_lab.metrics import flatten
+
 CKPT_DIR = "checkpoints"
 PREFIX = "step_"
 FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.json")
@@ -232,18 +234,9 @@ def run_dir_of(ckpt: Path) -> Path:
     return ckpt.parent.parent
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict):
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flat(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
     """(refused, allowed): `key: saved -> current` lines for the keys that differ."""
-    a, b = _flat(saved), _flat(current)
+    a, b = flatten(saved), flatten(current)
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if key.startswith(IGNORED) or a.get(key) == b.get(key):
