@@ -1,0 +1,118 @@
+"""Loss curves of the seed recipe and of a qlora-lab preset on the same weights, LoRA init and batches.
+
+  python bench/curve.py --shape phi4mini --steps 50          # both, each in a fresh process, then the comparison
+  python bench/curve.py --worker seed|preset phi4mini 50      # one curve, printed as one JSON line
+
+Both load the same random-init checkpoint of the shape (built by qlora-lab's loader), seed the LoRA init the same
+way (torch.manual_seed right before PEFT wraps the model: same A matrices, B = 0), and train on the same cycle of
+4 seeded random-token batches (2 x 1024 tokens) with AdamW lr 2e-4, so the curves differ only by the numerics of
+the two paths. seed = transformers + bitsandbytes nf4 + prepare_model_for_kbit_training (fp32 upcast) + PEFT,
+HF cross-entropy; preset = experiment=phi4_mini_qlora's levers (liger kernels, bf16 adapters, fused LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from speed import ROOT, SHAPE_MODEL  # bench/ is on sys.path when this script runs
+
+LR, BS, SEQ, POOL = 2e-4, 2, 1024, 4
+
+
+def _cfg(shape: str, overrides: list[str]):
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from qlora_lab.config import register_configs
+    from qlora_lab.resolvers import register_resolvers
+
+    register_configs()
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"model={SHAPE_MODEL[shape]}", "quantization=nf4", "lora.dropout=0", "logger=none", "device=cuda",
+            "checkpointing=non_reentrant", f"model.max_seq_len={SEQ}", *overrides, "output_dir=/tmp/qlab-curve",
+            "run_name=curve", "sweep_id=null", f"cache_dir={os.environ.get('QLAB_BENCH_CACHE', '/tmp/qlab-cache')}"])
+    return OmegaConf.to_object(cfg)
+
+
+def worker(kind: str, shape: str, steps: int) -> dict:
+    import torch
+
+    from qlora_lab import adapt, load, prepare, quantize
+
+    preset = ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused"] if kind == "preset" else []
+    cfg = _cfg(shape, preset)
+    path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0, "cuda")
+    if kind == "seed":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, device_map={"": 0},
+                                                     attn_implementation="sdpa",
+                                                     quantization_config=BitsAndBytesConfig(
+                                                         load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.bfloat16))
+        model.config.use_cache = False
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(1234)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    else:
+        model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cuda")
+        model = prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda")
+        torch.manual_seed(1234)
+        model = adapt.wrap_model(model, cfg.lora, cfg.quantization)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    pool = [torch.randint(0, model.config.vocab_size, (BS, SEQ), device="cuda", generator=gen) for _ in range(POOL)]
+    losses = []
+    for step in range(steps):
+        x = pool[step % POOL]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return {"kind": kind, "shape": shape, "losses": losses}
+
+
+def main(shape: str, steps: int) -> None:
+    curves = {}
+    for kind in ("seed", "preset"):
+        out = subprocess.run([sys.executable, __file__, "--worker", kind, shape, str(steps)], capture_output=True,
+                             text=True, cwd=ROOT)
+        lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if not lines:
+            print(f"{kind}: failed: {out.stderr[-1500:]}")
+            return
+        curves[kind] = json.loads(lines[-1])["losses"]
+    seed, ours = curves["seed"], curves["preset"]
+    rel = [abs(a - b) / abs(a) for a, b in zip(seed, ours)]
+    print(f"\n## Loss curve, {shape}, {steps} steps, same weights / LoRA init / batches\n")
+    print("| step | seed recipe | qlora-lab preset | rel. diff |\n|---|---|---|---|")
+    for i in sorted({0, 1, 2, 4, 9, 19, 29, 39, steps - 1} & set(range(steps))):
+        print(f"| {i} | {seed[i]:.4f} | {ours[i]:.4f} | {rel[i]:.2%} |")
+    print(f"\nstep-0 |diff| {abs(seed[0] - ours[0]):.4f}; max rel. diff over {steps} steps {max(rel):.2%}; "
+          f"loss fell {seed[0] - seed[-1]:.3f} (seed) / {ours[0] - ours[-1]:.3f} (preset)")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))), flush=True)
+    else:
+        import argparse
+
+        ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        ap.add_argument("--shape", default="phi4mini")
+        ap.add_argument("--steps", type=int, default=50)
+        a = ap.parse_args()
+        main(a.shape, a.steps)
