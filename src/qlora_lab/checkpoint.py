@@ -158,7 +158,11 @@ class Checkpointer:
                 f"writing the checkpoint of step {step} to {self.root} failed ({why}); nothing partial was left. "
                 f"Free space (or point save.every_steps/output_dir elsewhere) and resume=auto from "
                 f"{kept[-1] if kept else 'the start (no earlier checkpoint)'}") from e
-        for old in valid_checkpoints(self.run_dir)[:-self.keep_last] if self.keep_last > 0 else []:
+        # Keep this one and the keep_last-1 before it. Only renamed (hence complete) dirs carry a step_ name, so
+        # pruning needs no re-hashing of every kept checkpoint at each save; later steps (from an earlier attempt
+        # of this run) are left alone.
+        earlier = [p for p in all_checkpoints(self.run_dir) if step_of(p) < step]
+        for old in earlier[:len(earlier) - (self.keep_last - 1)]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 

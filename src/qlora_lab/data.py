@@ -101,9 +101,14 @@ def read_rows(d: DataConfig) -> list[dict[str, Any]]:
     return rows
 
 
+def eval_count(n_rows: int, d: DataConfig) -> int:
+    """How many of `n_rows` rows are held out for the eval loss."""
+    return min(int(n_rows * d.eval_fraction), d.max_eval_rows)
+
+
 def check_size(rows: list[Any], d: DataConfig) -> None:
     """At least one full micro-batch must be left for training once the eval rows are held out."""
-    n_eval = min(int(len(rows) * d.eval_fraction), d.max_eval_rows)
+    n_eval = eval_count(len(rows), d)
     n_train, mb = len(rows) - n_eval, d.micro_batch_size
     if isinstance(mb, int) and n_train < mb:
         raise DataError(f"the dataset has {len(rows)} rows, {n_train} left for training after {n_eval} eval rows: "
@@ -170,7 +175,7 @@ def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_pro
 def split_eval(examples: list[Example], d: DataConfig, seed: int) -> tuple[list[Example], list[Example]]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    n_eval = min(int(len(examples) * d.eval_fraction), d.max_eval_rows)
+    n_eval = eval_count(len(examples), d)
     eval_set = [examples[i] for i in order[:n_eval]]
     train_set = [examples[i] for i in sorted(order[n_eval:])]
     return train_set, eval_set

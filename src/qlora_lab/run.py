@@ -94,6 +94,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     data.check_size(rows, tcfg.data)
     fingerprint = data.fingerprint(rows)
     ckpt = find_resume(tcfg, out_dir, config, fingerprint, overrides)
+    resume = None
     if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
         out_dir = checkpoint.run_dir_of(ckpt)
         tcfg.output_dir = str(out_dir)
@@ -102,7 +103,7 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     seed_everything(tcfg.seed)
     t_start = time.perf_counter()
 
-    logger = build_logger(tcfg, out_dir, config, overrides, resume if ckpt is not None else None)
+    logger = build_logger(tcfg, out_dir, config, overrides, resume)
     try:
         phases: dict[str, float] = {}
 
