@@ -1,5 +1,6 @@
 """python train.py [group=option ...] [key=value ...] [-m]: one QLoRA run (or a sweep) from conf/."""
 
+import os
 import sys
 
 import hydra
@@ -10,6 +11,8 @@ from qlora_lab.resolvers import register_resolvers
 
 register_configs()
 register_resolvers()
+if int(os.environ.get("RANK", "0")) > 0:  # torchrun / accelerate launch: rank 0 alone writes the run dir's files
+    sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -28,6 +31,10 @@ def main(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
+    if hc.mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print("qlora-lab: a sweep (-m) fans its jobs out itself (hydra/launcher=local_gpus: one job per GPU); run it "
+              "with python, not under torchrun / accelerate launch", file=sys.stderr)
+        sys.exit(2)
     if hc.mode == RunMode.MULTIRUN and cfg.mode == "train":
         sweep_dir = Path(hc.sweep.dir)
         try:

@@ -3,12 +3,12 @@
 A checkpoint is a directory `<run dir>/checkpoints/step_<N>/` holding everything the loop needs to continue as
 if it had never stopped:
 
-    adapter.pt          the trainable (LoRA) tensors by parameter name
-    optimizer.pt        optimizer.state_dict()
+    adapter.pt          the trainable (LoRA) tensors by parameter name, whole (gathered from every process)
+    optimizer.pt        optimizer.state_dict() keyed by parameter name, whole
     scheduler.pt        scheduler.state_dict()
     rng.pt              python, numpy, torch CPU and CUDA generator states
     trainer_state.json  step, data position (epoch, offset, that epoch's sample order), loss history, W&B run id
-    config.json         the resolved config and dataset fingerprint the checkpoint was trained with
+    config.json         the resolved config, dataset fingerprint and number of processes it was trained with
     manifest.json       sha256 and size of each file above; written last
 
 It is written under a temporary name, every file fsynced, then renamed into place and the parent fsynced: a
@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_lab import distributed
+from qlora_lab.distributed import Dist
 from qlora_lab.metrics import flatten
 
 CKPT_DIR = "checkpoints"
@@ -41,10 +43,13 @@ FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.
 # data order): resuming with a different value is refused. Everything else (logging, eval interval, save cadence,
 # lr/schedule length, device, ...) is allowed and the differences are printed and recorded in run_info.json.
 MUST_MATCH = ("model.", "quantization.", "lora.", "data.source", "data.path", "data.config_name", "data.split",
-              "data.eval_fraction", "data.max_eval_rows", "data.mask_prompt", "data.micro_batch_size",
-              "data.shuffle", "data.num_rows", "optim.name", "optim.grad_accum_steps", "seed")
-# Same math, other kernels: allowed (and noted) although they sit under a MUST_MATCH prefix.
-NUMERICS_ONLY = ("model.kernels", "model.attn_implementation")
+              "data.eval_fraction", "data.max_eval_rows", "data.mask_prompt", "data.shuffle", "data.num_rows",
+              "optim.name", "seed")
+# Same math, other kernels: allowed (and noted) although they sit under a MUST_MATCH prefix. (The FSDP storage
+# dtype of 4-bit weights changes their packing, not their values.)
+NUMERICS_ONLY = ("model.kernels", "model.attn_implementation", "quantization.quant_storage")
+# Each optimizer step trains on micro_batch_size x grad_accum_steps x processes consecutive rows of the sample
+# order: that product must stay, its factors may change (e.g. 2 GPUs x 4 rows -> 1 GPU x 8 rows).
 # Keys that differ between any two invocations and say nothing about the computation.
 IGNORED = ("output_dir", "run_name", "resume", "sweep_id", "cache_dir", "logger.progress_bar")
 
@@ -106,10 +111,6 @@ def _to_tuples(x: Any) -> Any:
     return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
 @dataclass
 class Checkpointer:
     """Writes `step_<N>` checkpoints into `<run_dir>/checkpoints`, keeping the last `keep_last`."""
@@ -118,13 +119,35 @@ class Checkpointer:
     keep_last: int
     config: dict[str, Any]
     fingerprint: str
+    dist: Dist = Dist()
 
     @property
     def root(self) -> Path:
         return self.run_dir / CKPT_DIR
 
     def save(self, step: int, model, optimizer, scheduler, trainer_state: dict[str, Any]) -> Path:
-        """Write the checkpoint of the state after `step`; raises CheckpointError (earlier ones intact) on failure."""
+        """Write the checkpoint of the state after `step`; raises CheckpointError (earlier ones intact) on failure.
+
+        Every process calls it (gathering FSDP shards is a collective); rank 0 writes and tells the others how
+        it went, so all of them raise or none.
+        """
+        tensors = distributed.adapter_state(model, self.dist)
+        optim = distributed.optimizer_state(model, optimizer, self.dist)
+        error = None
+        if self.dist.main:
+            try:
+                self._write(step, tensors, optim, scheduler, trainer_state)
+            except CheckpointError as e:
+                error = e
+        message = self.dist.broadcast(str(error) if error else None)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise CheckpointError(message)
+        return self.root / f"{PREFIX}{step:07d}"
+
+    def _write(self, step: int, tensors: dict[str, torch.Tensor], optim: dict[str, Any], scheduler,
+               trainer_state: dict[str, Any]) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{PREFIX}{step:07d}"
         tmp = self.root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
@@ -132,12 +155,13 @@ class Checkpointer:
         try:
             tmp.mkdir()
             payload = {
-                "adapter.pt": trainable_state(model),
-                "optimizer.pt": optimizer.state_dict(),
+                "adapter.pt": tensors,
+                "optimizer.pt": optim,
                 "scheduler.pt": scheduler.state_dict(),
                 "rng.pt": rng_state(),
                 "trainer_state.json": {"step": step, **trainer_state},
-                "config.json": {"config": self.config, "dataset_fingerprint": self.fingerprint},
+                "config.json": {"config": self.config, "dataset_fingerprint": self.fingerprint,
+                                "world_size": self.dist.world},
             }
             for name in FILES:
                 _write(tmp / name, payload[name])
@@ -251,12 +275,28 @@ def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[st
     return refused, allowed
 
 
-def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None) -> list[str]:
-    """Raise CheckpointError if `config` cannot continue `ckpt`; returns the allowed differences."""
+def global_batch(config: dict[str, Any], world_size: int) -> tuple[int, str]:
+    mb, accum = config["data"]["micro_batch_size"], config["optim"]["grad_accum_steps"]
+    return mb * accum * world_size, f"{mb} x {accum} x {world_size}"
+
+
+def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None, world_size: int = 1) -> list[str]:
+    """Raise CheckpointError if `config` (on `world_size` processes) cannot continue `ckpt`; returns the allowed
+    differences."""
     saved = json.loads((ckpt / "config.json").read_text())
     refused, allowed = differences(saved["config"], config)
     if fingerprint is not None and saved["dataset_fingerprint"] != fingerprint:
         refused.append(f"dataset content: fingerprint {saved['dataset_fingerprint']} -> {fingerprint}")
+    (old, old_s) = global_batch(saved["config"], saved.get("world_size", 1))
+    (new, new_s) = global_batch(config, world_size)
+    if old != new:
+        accum, world = config["optim"]["grad_accum_steps"], world_size
+        hint = (f"e.g. data.micro_batch_size={old // (accum * world)}" if old % (accum * world) == 0
+                else "change data.micro_batch_size or optim.grad_accum_steps")
+        refused.append(f"rows per optimizer step (data.micro_batch_size x optim.grad_accum_steps x processes): "
+                       f"{old_s} = {old} -> {new_s} = {new}; keep {old} rows ({hint})")
+    elif saved.get("world_size", 1) != world_size:
+        allowed.append(f"processes: {saved.get('world_size', 1)} -> {world_size} (rows per step stay {new})")
     if refused:
         lines = "\n".join(f"  - {r}" for r in refused)
         raise CheckpointError(f"resume: {ckpt} was trained with a different setup; these must match to continue it:"
@@ -265,8 +305,8 @@ def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None
     return allowed
 
 
-def load(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
-    """Restore adapter, optimizer, scheduler and RNG from `ckpt`; returns its trainer state."""
+def load(ckpt: Path, model, optimizer, scheduler, dist: Dist = Dist()) -> dict[str, Any]:
+    """Restore adapter, optimizer, scheduler and RNG from `ckpt` (on every process); returns its trainer state."""
     why = verify(ckpt)
     if why:
         raise CheckpointError(f"checkpoint {ckpt} {why}; use an earlier one or resume=auto")
@@ -280,10 +320,9 @@ def load(ckpt: Path, model, optimizer, scheduler) -> dict[str, Any]:
                               f"{len(missing)} parameters missing (e.g. {missing[:2]}), {len(unexpected)} unexpected "
                               f"(e.g. {unexpected[:2]}), shape mismatches {shapes[:2]}; resume from a checkpoint "
                               "of this config or start fresh")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(tensors[n])
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
+    distributed.load_adapter_state(model, tensors, dist)
+    optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    distributed.load_optimizer_state(model, optimizer, optim, dist)
     scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     rng["python"] = _to_tuples(rng["python"])

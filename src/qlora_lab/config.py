@@ -120,6 +120,19 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Data-parallel training over the processes `torchrun` / `accelerate launch` start (one per GPU)."""
+
+    name: str = MISSING  # none (one process) | ddp (replicated base, averaged LoRA grads) | fsdp (FSDP2 shards)
+    backend: str = "auto"  # auto (nccl on CUDA, gloo on the CPU) | nccl | gloo
+    # fsdp: the dtype layers are all-gathered and computed in. With a 4-bit base it must equal
+    # quantization.quant_storage, so the packed weights travel as they are stored (no lossy cast).
+    param_dtype: str = "bfloat16"
+    reduce_dtype: str = "float32"  # fsdp: dtype gradients are reduce-scattered in
+    reshard_after_forward: bool = True  # fsdp: free each layer's gathered weights after its forward (ZeRO-3)
+
+
+@dataclass
 class LoggerConfig:
     """Where metrics go besides the run dir's metrics.jsonl."""
 
@@ -179,6 +192,7 @@ class TrainConfig:
     data: DataConfig = MISSING
     optim: OptimConfig = MISSING
     logger: LoggerConfig = MISSING
+    distributed: DistributedConfig = MISSING
     plan: PlanConfig = field(default_factory=PlanConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     save: SaveConfig = field(default_factory=SaveConfig)

@@ -106,14 +106,15 @@ def eval_count(n_rows: int, d: DataConfig) -> int:
     return min(int(n_rows * d.eval_fraction), d.max_eval_rows)
 
 
-def check_size(rows: list[Any], d: DataConfig) -> None:
-    """At least one full micro-batch must be left for training once the eval rows are held out."""
+def check_size(rows: list[Any], d: DataConfig, processes: int = 1) -> None:
+    """At least one full micro-batch per process must be left for training once the eval rows are held out."""
     n_eval = eval_count(len(rows), d)
     n_train, mb = len(rows) - n_eval, d.micro_batch_size
-    if isinstance(mb, int) and n_train < mb:
+    if isinstance(mb, int) and n_train < mb * processes:
+        per = f" x {processes} processes" if processes > 1 else ""
         raise DataError(f"the dataset has {len(rows)} rows, {n_train} left for training after {n_eval} eval rows: "
-                        f"fewer than one micro-batch (data.micro_batch_size={mb}); set data.micro_batch_size<={n_train} "
-                        "or add rows")
+                        f"fewer than one micro-batch (data.micro_batch_size={mb}{per}); set "
+                        f"data.micro_batch_size<={n_train // processes} or add rows")
 
 
 def fingerprint(rows: list[dict[str, Any]]) -> str:

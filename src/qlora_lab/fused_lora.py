@@ -86,6 +86,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
     base = self.base_layer
+    if getattr(base.weight, "quant_state", None) is None:  # FSDP gathers the weight as a plain tensor
+        from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+        fix_4bit_weight_quant_state_from_module(base)
     return LoraLinear4bit.apply(x, base.weight, base.bias, lora_a, lora_b, float(self.scaling[name]), p,
                                 self.training)
 

@@ -72,7 +72,8 @@ def load_model(path: str, m: ModelConfig, bnb_config, device: str) -> torch.nn.M
         quantization_config=bnb_config,
         dtype=torch_dtype(m.dtype),
         attn_implementation=m.attn_implementation,
-        device_map={"": device},  # one device; the weights are quantized as they stream in
+        # one device (this process's GPU under torchrun); the weights are quantized as they stream in
+        device_map={"": torch.cuda.current_device() if device == "cuda" else device},
         trust_remote_code=m.trust_remote_code,
     )
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory

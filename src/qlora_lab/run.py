@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import adapt, checkpoint, data, load, plan, prepare, quantize, save
+from qlora_lab import adapt, checkpoint, data, distributed, load, plan, prepare, quantize, save
 from qlora_lab.config import TrainConfig
 from qlora_lab.metrics import JsonlSink, MetricLogger, WandbSink, flatten, memory_now, reset_peak
 from qlora_lab.train import train
@@ -47,20 +47,22 @@ def build_logger(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], overri
 
 
 def find_resume(cfg: TrainConfig, out_dir: Path, config: dict[str, Any], fingerprint: str,
-                overrides: list[str]) -> Path | None:
+                overrides: list[str], dist: distributed.Dist = distributed.Dist()) -> Path | None:
     """The checkpoint `cfg.resume` names, checked against this config and data; None to start fresh."""
     if not cfg.resume:
         return None
     ckpt = checkpoint.find(cfg.resume, out_dir)
     if ckpt is None:
-        print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; starting from step 0")
+        if dist.main:
+            print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; starting from step 0")
         return None
-    allowed = checkpoint.check_compatible(ckpt, config, fingerprint)
+    allowed = checkpoint.check_compatible(ckpt, config, fingerprint, dist.world)
     step = checkpoint.step_of(ckpt)
     run_dir = checkpoint.run_dir_of(ckpt)
-    print(f"qlora-lab: resuming {run_dir} from {ckpt.name} (step {step})"
-          + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in allowed) if allowed else ""))
-    save.record_resume(run_dir, checkpoint=ckpt, step=step, overrides=overrides, differences=allowed)
+    if dist.main:
+        print(f"qlora-lab: resuming {run_dir} from {ckpt.name} (step {step})"
+              + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in allowed) if allowed else ""))
+        save.record_resume(run_dir, checkpoint=ckpt, step=step, overrides=overrides, differences=allowed)
     return ckpt
 
 
@@ -86,14 +88,26 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         return {"summary/status": "planned", "summary/predicted_peak_gib": ledger.peak_gib,
                 "summary/predicted_card_gib": ledger.card_gib, "summary/micro_batch": ledger.micro_batch,
                 "summary/fits": plan.fits(ledger, budget, tcfg.plan.safety_margin)}
-    out_dir = Path(tcfg.output_dir)
+    dist = distributed.setup(tcfg.distributed, device)
+    try:
+        return _train_run(tcfg, config, overrides, device, ledger, budget, dist)
+    finally:
+        distributed.teardown(dist)
+
+
+def _train_run(tcfg: TrainConfig, config: dict[str, Any], overrides: list[str], device: str, ledger, budget,
+               dist: distributed.Dist) -> dict[str, Any]:
+    # Every process writes into rank 0's run dir (their Hydra dirs agree anyway, see resolvers.launch_time).
+    out_dir = Path(dist.broadcast(tcfg.output_dir))
+    tcfg.output_dir = str(out_dir)
+    config["output_dir"] = str(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if tcfg.plan.skip_unfit and plan.fits(ledger, budget, tcfg.plan.safety_margin) is False:
-        return _skip(out_dir, ledger, budget, tcfg)
+        return _skip(out_dir, ledger, budget, tcfg, dist.main)
     rows = data.read_rows(tcfg.data)
-    data.check_size(rows, tcfg.data)
+    data.check_size(rows, tcfg.data, dist.world)
     fingerprint = data.fingerprint(rows)
-    ckpt = find_resume(tcfg, out_dir, config, fingerprint, overrides)
+    ckpt = find_resume(tcfg, out_dir, config, fingerprint, overrides, dist)
     resume = None
     if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
         out_dir = checkpoint.run_dir_of(ckpt)
@@ -103,7 +117,8 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     seed_everything(tcfg.seed)
     t_start = time.perf_counter()
 
-    logger = build_logger(tcfg, out_dir, config, overrides, resume)
+    # Only rank 0 reports: one metrics.jsonl, one W&B run, whatever the number of processes.
+    logger = build_logger(tcfg, out_dir, config, overrides, resume) if dist.main else MetricLogger([])
     try:
         phases: dict[str, float] = {}
 
@@ -111,7 +126,11 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
             phases.update({f"phase/{name}/{k}": v for k, v in memory_now(device).items()})
 
         reset_peak(device)
+        if not dist.main:  # rank 0 builds a random-init model into the cache once; the others then find it
+            dist.barrier()
         model_path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed, device)
+        if dist.main:
+            dist.barrier()
         tokenizer = load.load_tokenizer(model_path, tcfg.model)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
         examples = data.build_examples(rows, tokenizer, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
@@ -122,8 +141,9 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         model = prepare.prepare_model(model, tcfg.model, tcfg.checkpointing, device)
         phase("prepare")
         model = adapt.wrap_model(model, tcfg.lora, tcfg.quantization)
+        trainable, total = adapt.count_parameters(model)  # before FSDP leaves each process a shard
+        engine = distributed.wrap(model, tcfg.distributed, tcfg.checkpointing, dist)
         phase("wrap")
-        trainable, total = adapt.count_parameters(model)
         if device == "cuda" and config["data"]["micro_batch_size"] == "auto":
             mb, attempts = plan.verify_micro_batch(tcfg.data.micro_batch_size,
                                                    lambda n: _probe_step(model, n, tcfg.model.max_seq_len))
@@ -133,16 +153,20 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
                 ledger = plan.predict(tcfg, mb)
         phases.update(plan.predicted_metrics(ledger))
 
-        if ckpt is None:
+        if ckpt is None and dist.main:
             save.write_run_info(out_dir, config=config, overrides=overrides, device=device,
-                                dataset_fingerprint=fingerprint, model_path=model_path)
-        print(f"qlora-lab: {tcfg.run_name}: {trainable:,} trainable / {total:,} parameters, "
-              f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}")
+                                dataset_fingerprint=fingerprint, model_path=model_path, processes=dist.world)
+        if dist.main:
+            print(f"qlora-lab: {tcfg.run_name}: {trainable:,} trainable / {total:,} parameters, "
+                  f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
+                  + (f", {dist.world} processes ({dist.strategy})" if dist.active else ""))
 
-        checkpointer = checkpoint.Checkpointer(out_dir, tcfg.save.keep_last, config, fingerprint)
+        checkpointer = checkpoint.Checkpointer(out_dir, tcfg.save.keep_last, config, fingerprint, dist)
         summary = train(model, tokenizer, train_set, eval_set, tcfg, logger, device, phases, run_dir=out_dir,
-                        checkpointer=checkpointer, resume_from=ckpt)
-        adapter_dir = save.save_adapter(model, tokenizer, out_dir)
+                        checkpointer=checkpointer, resume_from=ckpt, engine=engine, dist=dist)
+        adapter_dir = save.save_adapter(model, tokenizer, out_dir, dist)
+        if not dist.main:
+            return summary
         ledger_table = ""
         if device == "cuda":  # the ledger predicts CUDA allocator bytes; CPU RSS is not comparable
             measured = {p: phases[f"phase/{p}/allocated_gib"] for p in plan.PHASES[:-1]
@@ -171,19 +195,21 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     except BaseException as e:  # recorded in the run dir and in W&B, so a sweep table can say why it ended
         from qlora_lab.sweep import record_failure
 
-        logger.summary(record_failure(out_dir, e))
+        if dist.main:
+            logger.summary(record_failure(out_dir, e))
         raise
     finally:
         logger.close()
 
 
-def _skip(out_dir: Path, ledger, budget: float | None, cfg: TrainConfig) -> dict[str, Any]:
+def _skip(out_dir: Path, ledger, budget: float | None, cfg: TrainConfig, writer: bool = True) -> dict[str, Any]:
     """plan.skip_unfit: record the run as skipped, with the reason, instead of starting it."""
     reason = plan.verdict(ledger, budget, cfg.plan.safety_margin)
     summary = {"summary/status": "skipped", "summary/reason": reason, "summary/predicted_peak_gib": ledger.peak_gib,
                "summary/predicted_card_gib": ledger.card_gib}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"qlora-lab: {cfg.run_name}: skipped: {reason}")
+    if writer:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"qlora-lab: {cfg.run_name}: skipped: {reason}")
     return summary
 
 

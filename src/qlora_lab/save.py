@@ -18,16 +18,22 @@ PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "data
             "hydra-core", "omegaconf", "wandb", "qlora-lab")
 
 
-def save_adapter(model, tokenizer, out_dir: Path) -> Path:
+def save_adapter(model, tokenizer, out_dir: Path, dist=None) -> Path:
     """`PeftModel.from_pretrained(base, out_dir / "adapter")` loads what this writes.
 
     Written next to its final place and renamed into it, so a failed write (a full disk) leaves any earlier
-    adapter whole and no half-written one.
+    adapter whole and no half-written one. Every process calls it (FSDP gathers the shards); rank 0 writes.
     """
+    from qlora_lab.distributed import Dist, adapter_state
+
+    dist = dist or Dist()
     target, tmp, old = out_dir / "adapter", out_dir / ".adapter.tmp", out_dir / ".adapter.old"
+    tensors = adapter_state(model, dist) if dist.fsdp else None  # gathered whole: shards cannot be saved as such
+    if not dist.main:
+        return target
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=tensors)
         tokenizer.save_pretrained(tmp)
     except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -74,7 +80,7 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def write_run_info(out_dir: Path, *, config: dict[str, Any], overrides: list[str], device: str,
-                   dataset_fingerprint: str, model_path: str) -> None:
+                   dataset_fingerprint: str, model_path: str, processes: int = 1) -> None:
     """run_info.json (+ git_diff.patch when the tree is dirty): enough to re-create this run."""
     commit = _git("rev-parse", "HEAD")
     diff = _git("diff", "HEAD")
@@ -87,6 +93,7 @@ def write_run_info(out_dir: Path, *, config: dict[str, Any], overrides: list[str
         "git_dirty": bool(diff),
         "packages": _versions(),
         "device": device_info(device),
+        "processes": processes,
         "dataset_fingerprint": dataset_fingerprint,
         "model_path": model_path,
         "config": config,

@@ -24,6 +24,7 @@ from qlora_lab.checkpoint import Checkpointer, CheckpointError
 from qlora_lab.checkpoint import load as load_checkpoint
 from qlora_lab.config import TrainConfig
 from qlora_lab.data import IGNORE_INDEX, Example, batches, collate, epoch_order
+from qlora_lab.distributed import Dist, shard_batch
 from qlora_lab.metrics import MetricLogger, memory_now, reset_peak, synchronize
 
 
@@ -56,10 +57,14 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: i
 
 
 class BatchStream:
-    """Micro-batches epoch after epoch; its position (epoch, offset into that epoch's order) goes into checkpoints."""
+    """Micro-batches epoch after epoch; its position (epoch, offset into that epoch's order) goes into checkpoints.
 
-    def __init__(self, examples: list[Example], cfg: TrainConfig, pad_id: int):
-        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+    With N processes each global micro-batch is N x data.micro_batch_size rows (every process draws the same
+    ones, then trains on its share), so the rows of every optimizer step do not depend on N.
+    """
+
+    def __init__(self, examples: list[Example], cfg: TrainConfig, pad_id: int, world: int = 1):
+        self.examples, self.cfg, self.pad_id, self.world = examples, cfg, pad_id, world
         self.epoch, self.offset = 0, 0
         self.order = self._order(0)
 
@@ -70,7 +75,7 @@ class BatchStream:
         if self.offset >= len(self.order):
             self.epoch, self.offset = self.epoch + 1, 0
             self.order = self._order(self.epoch)
-        idx = self.order[self.offset:self.offset + self.cfg.data.micro_batch_size]
+        idx = self.order[self.offset:self.offset + self.cfg.data.micro_batch_size * self.world]
         self.offset += len(idx)
         return self.epoch, collate([self.examples[i] for i in idx], self.pad_id)
 
@@ -148,6 +153,11 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of the batch's real rows (not of a process's stand-in row, see `shard_batch`)."""
+    return int(batch["attention_mask"][batch["row"] >= 0].sum())
+
+
 def forward_loss(model, batch: dict[str, torch.Tensor], device: str, num_items: int) -> torch.Tensor:
     """Sum of token losses of `batch` divided by `num_items` (the accumulation window's label tokens)."""
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
@@ -172,13 +182,18 @@ def evaluate(model, eval_set: list[Example], cfg: TrainConfig, pad_id: int, devi
 
 def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], cfg: TrainConfig,
           logger: MetricLogger, device: str, phase_log: dict[str, float], *, run_dir: Path,
-          checkpointer: Checkpointer | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+          checkpointer: Checkpointer | None = None, resume_from: Path | None = None,
+          engine: torch.nn.Module | None = None, dist: Dist = Dist()) -> dict[str, Any]:
     """Run the loop; returns summary metrics.
 
     `phase_log` holds the memory readings of the phases before training; the first step adds its own
     (first forward, backward, optimizer step) and logs them all with step 1. With `resume_from`, adapter,
     optimizer, scheduler, RNG and data position come from that checkpoint and the loop continues after its step.
+    With several processes, `engine` is the DDP/FSDP-wrapped model that runs forward and backward (`model`
+    itself when FSDP shards it in place), `dist` says who this process is; every process runs this loop and
+    the numbers it logs (loss, tokens, grad norm, peak memory) are over all of them.
     """
+    engine = model if engine is None else engine
     steps = total_steps(cfg, len(train_set))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg, device)
@@ -186,19 +201,19 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
     pad_id = tokenizer.pad_token_id
     accum = cfg.optim.grad_accum_steps
     clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    stream = BatchStream(train_set, cfg, pad_id)
+    stream = BatchStream(train_set, cfg, pad_id, dist.world)
 
     state: dict[str, Any] = {"losses": [], "throughputs": [], "tokens_seen": 0, "eval_loss": None, "peak_gib": 0.0,
                              "skipped": 0, "last_finite_loss": None, "wandb_id": logger.run_id}
     first = 1
     if resume_from is not None:
-        saved = load_checkpoint(resume_from, model, optimizer, scheduler)
+        saved = load_checkpoint(resume_from, model, optimizer, scheduler, dist)
         stream.restore(saved["data"])
         state.update(saved["trainer"])
         first = saved["step"] + 1
 
     bar = None
-    if cfg.logger.progress_bar:
+    if cfg.logger.progress_bar and dist.main:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=steps, initial=first - 1, desc="train", dynamic_ncols=True, leave=True)
@@ -217,21 +232,29 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
             step_loss = 0.0
             step_tokens = 0
             for micro, (epoch, batch) in enumerate(window):
-                loss = forward_loss(model, batch, device, num_items)
+                batch = shard_batch(batch, dist)
+                loss = forward_loss(engine, batch, device, num_items)
                 if step == 1 and micro == 0:
                     phase_log.update({f"phase/first_forward/{k}": v for k, v in memory_now(device).items()})
-                loss.backward()
+                # DDP and FSDP average gradients over processes; the loss is this process's share of the
+                # global window's mean, so scaling by N makes the averaged gradient the global one.
+                (loss * dist.world if dist.world > 1 else loss).backward()
                 if step == 1 and micro == 0:
                     phase_log.update({f"phase/first_backward/{k}": v for k, v in memory_now(device).items()})
                 step_loss += float(loss.detach())
-                step_tokens += int(batch["attention_mask"].sum())
+                step_tokens += count_tokens(batch)
+            step_loss, step_tokens = dist.reduce([step_loss, step_tokens])
+            step_tokens = int(step_tokens)
             # The norm first and the clipping only when it is finite: clipping by a NaN norm would turn every
             # gradient into NaN and the diagnostic could no longer say which tensors went bad.
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            if hasattr(norm, "full_tensor"):  # FSDP: a norm over this process's gradient shards, made whole
+                norm = norm.full_tensor()
             grad_norm = float(norm)
             skipped = False
             if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                skipped = _guard(model, step, window, step_loss, grad_norm, state, scheduler, cfg, logger, run_dir)
+                skipped = _guard(model, step, window, step_loss, grad_norm, state, scheduler, cfg, logger, run_dir,
+                                 dist.main)
             else:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, norm)
                 state["last_finite_loss"] = step_loss
@@ -242,6 +265,9 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
             synchronize(device)
             dt = time.perf_counter() - t0
             mem = memory_now(device)
+            if dist.world > 1:  # the fullest device is the one that limits the run
+                mem["peak_allocated_gib"], mem["peak_reserved_gib"] = dist.reduce(
+                    [mem["peak_allocated_gib"], mem["peak_reserved_gib"]], "max")
             if step == 1:
                 phase_log.update({f"phase/first_optimizer_step/{k}": v for k, v in mem.items()})
             reset_peak(device)
@@ -269,7 +295,7 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
                 metrics["memory/alloc_retries"] = mem["alloc_retries"]
             ev = cfg.logger.eval_every
             if eval_set and (step == steps or (ev and step % ev == 0)):
-                state["eval_loss"] = evaluate(model, eval_set, cfg, pad_id, device)
+                state["eval_loss"] = evaluate(engine, eval_set, cfg, pad_id, device)
                 metrics["eval/loss"] = state["eval_loss"]
             if step % cfg.logger.log_every == 0 or step == steps or "eval/loss" in metrics:
                 logger.log(metrics, step)
@@ -278,12 +304,14 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
                                 mem_gib=f"{mem['peak_allocated_gib']:.2f}", refresh=False)
                 bar.update(1)
             every = cfg.save.every_steps
-            if checkpointer is not None and stop.signum is None and every and step % every == 0 and step < steps:
+            # Processes may see a signal at different steps; they stop together at the first step any saw it.
+            signum = int(dist.reduce([stop.signum or 0], "max")[0]) if dist.world > 1 else stop.signum
+            if checkpointer is not None and not signum and every and step % every == 0 and step < steps:
                 checkpoint(step)
-            if stop.signum is not None:
+            if signum:
                 where = checkpoint(step) if checkpointer is not None else None
                 raise TrainingInterrupted(
-                    f"stopped by {signal.Signals(stop.signum).name} after step {step}"
+                    f"stopped by {signal.Signals(signum).name} after step {step}"
                     + (f"; checkpoint {where}; continue with resume=auto hydra.run.dir={run_dir}" if where else ""))
     if bar is not None:
         bar.close()
@@ -302,19 +330,25 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
         "summary/tokens": state["tokens_seen"],
         "summary/skipped_steps": state["skipped"],
         "summary/resumed_from_step": first - 1,
+        "summary/processes": dist.world,
+        "summary/tokens_per_s_per_process": (statistics.median(steady) if steady else float("nan")) / dist.world,
     }
 
 
 def _guard(model, step: int, window, loss: float, grad_norm: float, state: dict[str, Any], scheduler,
-           cfg: TrainConfig, logger: MetricLogger, run_dir: Path) -> bool:
-    """A non-finite step: write its diagnostic, then skip it (True) or stop the run (NonFiniteLossError)."""
+           cfg: TrainConfig, logger: MetricLogger, run_dir: Path, writer: bool = True) -> bool:
+    """A non-finite step: write its diagnostic, then skip it (True) or stop the run (NonFiniteLossError).
+
+    Every process takes the same decision (loss and norm are global); only the `writer` writes the report.
+    """
     rows = sorted(int(r) for _, b in window for r in b["row"])
     report = nonfinite_report(model, step, rows, loss, grad_norm, state["last_finite_loss"],
                               scheduler.get_last_lr()[0])
     out = run_dir / "nonfinite"
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"step_{step:07d}.json"
-    path.write_text(json.dumps(report, indent=1, default=str))
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1, default=str))
     will_skip = cfg.guard.nonfinite == "skip" and state["skipped"] < cfg.guard.max_skips
     logger.log({"guard/nonfinite_step": step, "guard/loss": _finite(loss), "guard/grad_norm": _finite(grad_norm),
                 "guard/nonfinite_grad_tensors": report["nonfinite_grad_tensors"],

@@ -286,6 +286,9 @@ def validate(cfg: TrainConfig) -> None:
                      f"reached; on a machine with access run `hf download {m.path}` and copy the "
                      "cache (HF_HOME), or set model.path to a local checkpoint directory")
 
+    # several processes (torchrun / accelerate launch)
+    p.extend(distributed_problems(cfg, device))
+
     # plan / mode
     if cfg.mode not in ("train", "plan"):
         p.append(f"mode={cfg.mode!r} is not one of train, plan")
@@ -298,3 +301,45 @@ def validate(cfg: TrainConfig) -> None:
 
     if p:
         raise ConfigError(p)
+
+
+def distributed_problems(cfg: TrainConfig, device: str) -> list[str]:
+    """The `distributed` group against the launch (WORLD_SIZE), the device and the other groups."""
+    from qlora_lab.distributed import launched_world_size
+
+    dc, q, p = cfg.distributed, cfg.quantization, []
+    world = launched_world_size()
+    if dc.name not in ("none", "ddp", "fsdp"):
+        return [f"distributed={dc.name!r} is not one of none, ddp, fsdp"]
+    if dc.name == "none":
+        if world > 1 and cfg.mode == "train":
+            p.append(f"the launcher started {world} processes (WORLD_SIZE={world}) but distributed=none would train "
+                     "the same run in each; add distributed=ddp (model fits one GPU) or distributed=fsdp (shard it)")
+        return p
+    if dc.backend not in ("auto", "nccl", "gloo"):
+        p.append(f"distributed.backend={dc.backend!r} is not one of auto, nccl, gloo")
+    elif dc.backend == "nccl" and device != "cuda":
+        p.append("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo (or auto) on the CPU")
+    for key in ("param_dtype", "reduce_dtype"):
+        if getattr(dc, key) not in DTYPES:
+            p.append(f"distributed.{key}={getattr(dc, key)!r} is not one of {', '.join(DTYPES)}")
+    if device == "cuda" and cfg.mode == "train":
+        import torch
+
+        if world > torch.cuda.device_count():
+            p.append(f"the launcher started {world} processes but {torch.cuda.device_count()} GPUs are visible; "
+                     f"use --nproc_per_node={torch.cuda.device_count()} (one process per GPU)")
+    if cfg.data.micro_batch_size == "auto":
+        p.append(f"data.micro_batch_size=auto probes one process's memory; with distributed={dc.name} give an "
+                 "integer (mode=plan shows what fits)")
+    if dc.name == "fsdp":
+        if q.bits == 4 and q.quant_storage != dc.param_dtype:
+            p.append(f"distributed=fsdp gathers weights as {dc.param_dtype}, but the 4-bit weights are packed as "
+                     f"{q.quant_storage}; set quantization.quant_storage={dc.param_dtype} so they travel as stored")
+        if q.bits == 8:
+            p.append("distributed=fsdp cannot shard LLM.int8 weights (their scales live outside the tensor); use "
+                     "quantization=nf4 with quantization.quant_storage=bfloat16, or distributed=ddp")
+        if cfg.optim.name == "paged_adamw_8bit":
+            p.append("distributed=fsdp shards the optimizer state already and bitsandbytes' paged optimizer does not "
+                     "take sharded parameters; use optim=adamw")
+    return p
