@@ -1,13 +1,13 @@
 """Loss curves of the seed recipe and of a qlora-lab preset on the same weights, LoRA init and batches.
 
-  python bench/curve.py --shape phi4mini --steps 50          # both, each in a fresh process, then the comparison
-  python bench/curve.py --worker seed|preset phi4mini 50      # one curve, printed as one JSON line
+  python bench/curve.py --shape phi4mini --steps 50 --variants preset bf16_adapters   # the seed recipe + each
+  python bench/curve.py --worker seed|<variant> phi4mini 50   # one curve, printed as one JSON line
 
 Both load the same random-init checkpoint of the shape (built by qlora-lab's loader), seed the LoRA init the same
 way (torch.manual_seed right before PEFT wraps the model: same A matrices, B = 0), and train on the same cycle of
 4 seeded random-token batches (2 x 1024 tokens) with AdamW lr 2e-4, so the curves differ only by the numerics of
 the two paths. seed = transformers + bitsandbytes nf4 + prepare_model_for_kbit_training (fp32 upcast) + PEFT,
-HF cross-entropy; preset = experiment=phi4_mini_qlora's levers (liger kernels, bf16 adapters, fused LoRA).
+HF cross-entropy; the variants are sets of qlora-lab levers (LEVERS), `preset` being experiment=phi4_mini_qlora's.
 """
 
 from __future__ import annotations
@@ -19,6 +19,12 @@ import sys
 from speed import ROOT, SHAPE_MODEL  # bench/ is on sys.path when this script runs
 
 LR, BS, SEQ, POOL = 2e-4, 2, 1024, 4
+FUSED = ["model.kernels=liger", "lora.kernel=fused"]
+LEVERS = {
+    "preset": FUSED + ["lora.adapter_dtype=float32", "model.compile=layers", "checkpointing=offload"],
+    "bf16_adapters": FUSED + ["lora.adapter_dtype=bfloat16", "model.compile=layers", "checkpointing=offload"],
+    "fused_bf16": FUSED + ["lora.adapter_dtype=bfloat16"],
+}
 
 
 def _cfg(shape: str, overrides: list[str]):
@@ -45,8 +51,7 @@ def worker(kind: str, shape: str, steps: int) -> dict:
 
     from qlora_lab import adapt, load, prepare, quantize
 
-    preset = ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused"] if kind == "preset" else []
-    cfg = _cfg(shape, preset)
+    cfg = _cfg(shape, LEVERS.get(kind, []))
     path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0, "cuda")
     if kind == "seed":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -68,7 +73,7 @@ def worker(kind: str, shape: str, steps: int) -> dict:
         model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cuda")
         model = prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda")
         torch.manual_seed(1234)
-        model = adapt.wrap_model(model, cfg.lora, cfg.quantization)
+        model = adapt.compile_layers(adapt.wrap_model(model, cfg.lora, cfg.quantization), cfg.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
@@ -85,24 +90,31 @@ def worker(kind: str, shape: str, steps: int) -> dict:
     return {"kind": kind, "shape": shape, "losses": losses}
 
 
-def main(shape: str, steps: int) -> None:
+def main(shape: str, steps: int, variants: list[str]) -> None:
     curves = {}
-    for kind in ("seed", "preset"):
+    for kind in ["seed", *variants]:
         out = subprocess.run([sys.executable, __file__, "--worker", kind, shape, str(steps)], capture_output=True,
                              text=True, cwd=ROOT)
         lines = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if not lines:
             print(f"{kind}: failed: {out.stderr[-1500:]}")
-            return
+            continue
         curves[kind] = json.loads(lines[-1])["losses"]
-    seed, ours = curves["seed"], curves["preset"]
-    rel = [abs(a - b) / abs(a) for a, b in zip(seed, ours)]
+    seed = curves.pop("seed", None)
+    if seed is None:
+        return
     print(f"\n## Loss curve, {shape}, {steps} steps, same weights / LoRA init / batches\n")
-    print("| step | seed recipe | qlora-lab preset | rel. diff |\n|---|---|---|---|")
+    print("| step | seed recipe | " + " | ".join(f"{k} | rel. diff" for k in curves) + " |")
+    print("|---|---|" + "---|---|" * len(curves))
     for i in sorted({0, 1, 2, 4, 9, 19, 29, 39, steps - 1} & set(range(steps))):
-        print(f"| {i} | {seed[i]:.4f} | {ours[i]:.4f} | {rel[i]:.2%} |")
-    print(f"\nstep-0 |diff| {abs(seed[0] - ours[0]):.4f}; max rel. diff over {steps} steps {max(rel):.2%}; "
-          f"loss fell {seed[0] - seed[-1]:.3f} (seed) / {ours[0] - ours[-1]:.3f} (preset)")
+        print(f"| {i} | {seed[i]:.4f} | " + " | ".join(f"{c[i]:.4f} | {abs(c[i] - seed[i]) / abs(seed[i]):.2%}"
+                                                      for c in curves.values()) + " |")
+    print()
+    for k, c in curves.items():
+        rel = [abs(a - b) / abs(a) for a, b in zip(seed, c)]
+        print(f"- {k} ({' '.join(LEVERS[k])}): step-0 |diff| {abs(seed[0] - c[0]):.4f}; max rel. diff over {steps} "
+              f"steps {max(rel):.2%} (at step {rel.index(max(rel))}); loss fell {seed[0] - seed[-1]:.3f} (seed) / "
+              f"{c[0] - c[-1]:.3f}")
 
 
 if __name__ == "__main__":
@@ -114,5 +126,6 @@ if __name__ == "__main__":
         ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         ap.add_argument("--shape", default="phi4mini")
         ap.add_argument("--steps", type=int, default=50)
+        ap.add_argument("--variants", nargs="+", default=["preset"], choices=sorted(LEVERS))
         a = ap.parse_args()
-        main(a.shape, a.steps)
+        main(a.shape, a.steps, a.variants)

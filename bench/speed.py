@@ -31,6 +31,11 @@ VARIANTS = {
     "liger_bf16_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "checkpointing=offload"],
     "fused": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused"],
     "fused_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused", "checkpointing=offload"],
+    "compiled": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused", "model.compile=layers"],
+    "compiled_offload_fp32": ["model.kernels=liger", "lora.adapter_dtype=float32", "lora.kernel=fused",
+                              "model.compile=layers", "checkpointing=offload"],
+    "compiled_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused",
+                         "model.compile=layers", "checkpointing=offload"],
 }
 COMMON = ["lora.dropout=0", "logger=none", "device=cuda", "checkpointing=non_reentrant", "quantization=nf4"]
 
@@ -59,6 +64,7 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
     load_gib = torch.cuda.memory_allocated() / 2**30
     model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda"),
                              cfg.lora, cfg.quantization)
+    model = adapt.compile_layers(model, cfg.model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, cfg, "cuda")

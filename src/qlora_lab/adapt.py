@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qlora_lab.config import LoraConfig, QuantizationConfig
+from qlora_lab.config import LoraConfig, ModelConfig, QuantizationConfig
 
 
 def build_lora_config(lo: LoraConfig, q: QuantizationConfig):
@@ -50,6 +50,22 @@ def wrap_model(model: torch.nn.Module, lo: LoraConfig, q: QuantizationConfig) ->
         from qlora_lab.fused_lora import fuse
 
         fuse(model)
+    return model
+
+
+def compile_layers(model: torch.nn.Module, m: ModelConfig, backend: str = "inductor",
+                   fullgraph: bool = False) -> torch.nn.Module:
+    """model.compile=layers: torch.compile every decoder layer in place (after LoRA and the fused kernel are in).
+
+    Identical layers share one compiled graph (parameters are graph inputs), so the compile happens once per
+    layer class and input shape, not once per layer. Activation checkpointing wraps the compiled call.
+    """
+    if m.compile == "none":
+        return model
+    from qlora_lab.distributed import decoder_layers
+
+    for layer in decoder_layers(model):
+        layer.compile(backend=backend, fullgraph=fullgraph)
     return model
 
 

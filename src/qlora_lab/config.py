@@ -38,6 +38,11 @@ class ModelConfig:
     # vocab x tokens logits are never materialized: GiBs less at large vocabularies). CUDA only; auto = liger
     # on CUDA when liger-kernel is installed and has kernels for the model type, else none.
     kernels: str = "none"
+    # none | layers | auto: torch.compile each decoder layer (one graph shared by all layers): norms, RoPE,
+    # SiLU-mul, residual adds and the LoRA glue fuse into a few Triton kernels. The first step pays the compile
+    # (tens of seconds); with kernels=liger only liger's fused loss is kept (its norm and SwiGLU would split the
+    # graph). auto = layers on CUDA, none on the CPU.
+    compile: str = "none"
 
 
 @dataclass
@@ -153,6 +158,9 @@ class PlanConfig:
     safety_margin: float = 0.1  # share of the card kept free when judging fit and picking micro_batch_size=auto
     skip_unfit: bool = False  # a run predicted not to fit is recorded as skipped instead of started
     max_micro_batch: int = 64  # the largest micro-batch `auto` considers
+    # processes the run is planned for (distributed=fsdp shards the weights over them); None = the launcher's
+    # WORLD_SIZE (1 without torchrun). mode=plan distributed=fsdp plan.processes=2 plans a 2-GPU run anywhere.
+    processes: Optional[int] = None
 
 
 @dataclass

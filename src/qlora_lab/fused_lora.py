@@ -7,17 +7,21 @@ of a step (bench/results, profile). Here the LoRA term rides on the base GEMM's 
 
     forward   W = dequant(W4)                          (4-bit -> compute dtype, not kept)
               xa = drop(x) @ A^T                       (tokens x r)
-              y  = addmm(x @ W^T, xa, B^T, alpha=s)    (the add and the scale happen inside the GEMM)
+              y  = (x @ W^T).addmm_(xa, B^T, alpha=s)  (the add and the scale happen inside the GEMM, in place)
     backward  g  = dy @ B                              (tokens x r)
-              dx = addmm(dy @ dequant(W4), g, A, alpha=s)     (g @ A times the dropout mask, with dropout)
+              dx = (dy @ dequant(W4)).addmm_(g, A, alpha=s)   (g @ A times the dropout mask, with dropout)
               dA = s * g^T @ drop(x),  dB = s * dy^T @ xa
 
 Saved for backward: x (shared with the sibling layers reading the same input), xa (tokens x r) and, with
 dropout, its mask. The frozen base weight needs no saved input at all. The matmul order costs (tokens * r)(in + out) for the LoRA terms, never in * out * tokens.
 
 It replaces the forward of PEFT's `lora.Linear4bit` modules in place, so parameters, state dicts and
-`save_pretrained` stay PEFT's. It applies where it computes exactly what PEFT does: one active vanilla LoRA
-adapter (no DoRA), not merged, adapter weights in the compute dtype; other modules keep PEFT's forward.
+`save_pretrained` stay PEFT's. It applies where it computes what PEFT does: one active vanilla LoRA adapter (no
+DoRA), not merged, inputs in the layer's compute dtype; other modules keep PEFT's forward.
+
+Adapter weights may be fp32 (lora.adapter_dtype=float32): they are then master weights, cast to the compute
+dtype for the matmuls (an r x features copy per call) and updated by AdamW in fp32, where bf16 weights would
+round away updates smaller than 1/256 of the weight; their gradients come back in fp32.
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ class LoraLinear4bit(torch.autograd.Function):
         # masks match PEFT's; the backward needs it for the input gradient of the LoRA branch.
         mask = F.dropout(torch.ones_like(x2), p, True) if p > 0 and training else None
         xd = x2 if mask is None else x2 * mask
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 master weights -> compute copies
         w = _dequantize(weight)
         xa = xd @ lora_a.t()
-        y = torch.addmm(x2 @ w.t(), xa, lora_b.t(), alpha=scale)
+        y = (x2 @ w.t()).addmm_(xa, lora_b.t(), alpha=scale)  # in place: no second tokens x out buffer
         if bias is not None:
             y = y + bias
         del w, xd
@@ -60,11 +65,11 @@ class LoraLinear4bit(torch.autograd.Function):
         g = dy2 @ lora_b
         dx = None
         if ctx.needs_input_grad[0]:
-            base = dy2 @ _dequantize(ctx.weight)
+            dx = dy2 @ _dequantize(ctx.weight)
             if mask is None:
-                dx = torch.addmm(base, g, lora_a, alpha=ctx.scale)
+                dx.addmm_(g, lora_a, alpha=ctx.scale)
             else:
-                dx = torch.addcmul(base, g @ lora_a, mask, value=ctx.scale)
+                dx.addcmul_(g @ lora_a, mask, value=ctx.scale)
             dx = dx.view(ctx.shape)
         xd = x2 if mask is None else x2 * mask
         d_a = torch.mm(g.t(), xd).mul_(ctx.scale) if ctx.needs_input_grad[3] else None
@@ -81,11 +86,12 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return self._peft_forward(x, *args, **kwargs)
     name = adapters[0]
     lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-    if lora_a.dtype != x.dtype:
+    base = self.base_layer
+    # e.g. upcast norms handing over fp32 activations: PEFT casts them, this kernel does not
+    if base.compute_dtype is not None and x.dtype != base.compute_dtype:
         return self._peft_forward(x, *args, **kwargs)
     drop = self.lora_dropout[name]
     p = drop.p if isinstance(drop, torch.nn.Dropout) else 0.0
-    base = self.base_layer
     if getattr(base.weight, "quant_state", None) is None:  # FSDP gathers the weight as a plain tensor
         from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 

@@ -57,6 +57,8 @@ def apply_kernels(path: str, m: ModelConfig) -> None:
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         raise ValueError(f"model.kernels=liger has no kernels for model type {model_type!r}; use model.kernels=none")
     kwargs = {}
+    if m.compile == "layers":  # inside a compiled layer the compiler fuses norms and SwiGLU itself; keep the loss
+        kwargs.update(rms_norm=False, swiglu=False)
     if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
         kwargs["rope"] = False  # liger's RoPE rotates the whole head; partial-rotary models (Phi-3/4) need HF's
     MODEL_TYPE_TO_APPLY_LIGER_FN[model_type](**kwargs)

@@ -46,18 +46,86 @@ def enable_checkpointing(model: torch.nn.Module, ck: CheckpointingConfig, device
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if not ck.offload_to_cpu:
         return
-    # Offload only what checkpointing saves (each layer's inputs), not the logits and loss buffers: wrap
-    # each checkpointed layer's checkpoint call in save_on_cpu, so those tensors wait in host memory.
+    # Offload only what checkpointing saves (each layer's inputs), not the logits and loss buffers: wrap each
+    # checkpointed layer's checkpoint call, so those tensors wait in host memory.
     layers = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None]
     if not layers:
         raise ValueError(f"checkpointing=offload: {type(model).__name__} has no checkpointed layers to offload")
+    offload = HostOffload() if device == "cuda" else None
     for layer in layers:
-        layer._gradient_checkpointing_func = _offloaded(layer._gradient_checkpointing_func, device)
+        layer._gradient_checkpointing_func = _offloaded(layer._gradient_checkpointing_func, offload)
 
 
-def _offloaded(checkpoint_fn, device: str):
+def _offloaded(checkpoint_fn, offload: "HostOffload | None"):
     def run(*args, **kwargs):
-        with torch.autograd.graph.save_on_cpu(pin_memory=device == "cuda"):
+        if offload is None:  # on the CPU there is nowhere to offload to
+            return checkpoint_fn(*args, **kwargs)
+        with torch.autograd.graph.saved_tensors_hooks(offload.pack, offload.unpack):
             return checkpoint_fn(*args, **kwargs)
 
     return run
+
+
+class _Saved:
+    __slots__ = ("host", "device", "stored", "loaded", "gpu", "prev")
+
+
+class HostOffload:
+    """Saved-tensor hooks that keep checkpointed layer inputs in pinned host memory, with the copies overlapped.
+
+    Forward: the copy to the host runs on a side stream while the next layers compute (the GPU tensor is kept
+    alive for the side stream until the copy is done). Backward: layers come back in reverse order, so when one
+    layer's input is unpacked the previous layer's input is already being copied back on the side stream
+    (double buffering): its recompute then waits on an event, not on a blocking copy. Pinned buffers are pooled
+    by shape and reused every step. Small tensors (RoPE tables, masks) stay on the GPU.
+    """
+
+    MIN_BYTES = 1 << 20
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.pool: dict[tuple, list[torch.Tensor]] = {}
+        self.last: _Saved | None = None
+
+    def pack(self, t: torch.Tensor):
+        if not t.is_cuda or t.numel() * t.element_size() < self.MIN_BYTES:
+            return t
+        key = (tuple(t.shape), t.dtype)
+        free = self.pool.get(key)
+        s = _Saved()
+        s.host = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        s.device, s.gpu, s.loaded = t.device, None, None
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            s.host.copy_(t, non_blocking=True)
+            s.stored = torch.cuda.Event()
+            s.stored.record()
+        t.record_stream(self.stream)  # its memory is not reused before the copy has read it
+        s.prev = self.last if self.last is not None and self.last.host is not None else None
+        self.last = s
+        return s
+
+    def _fetch(self, s: _Saved) -> None:
+        if s.loaded is not None:
+            return
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(s.stored)
+            s.gpu = s.host.to(s.device, non_blocking=True)
+            s.loaded = torch.cuda.Event()
+            s.loaded.record()
+
+    def unpack(self, s):
+        if not isinstance(s, _Saved):
+            return s
+        first = s.host is not None
+        if first:
+            self._fetch(s)
+            if s.prev is not None and s.prev.host is not None:
+                self._fetch(s.prev)  # the layer before runs next in backward: start its copy now
+        torch.cuda.current_stream().wait_event(s.loaded)
+        if first:
+            s.gpu.record_stream(torch.cuda.current_stream())
+            # the host buffer goes back to the pool; the side stream's later copies into it queue after this one
+            self.pool.setdefault((tuple(s.host.shape), s.host.dtype), []).append(s.host)
+            s.host, s.prev = None, None
+        return s.gpu

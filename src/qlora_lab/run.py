@@ -82,6 +82,8 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         # A plan describes a CUDA step wherever it is printed, so it resolves `auto` as a GPU run would.
         target = "cuda" if tcfg.mode == "plan" else device
         tcfg.model.kernels = load.resolve_kernels(tcfg.model, model_config(tcfg).model_type, target)
+    if tcfg.model.compile == "auto":  # Triton codegen where it pays (CUDA); the CPU would pay minutes of compile
+        tcfg.model.compile = "layers" if ("cuda" if tcfg.mode == "plan" else device) == "cuda" else "none"
     ledger, budget = plan.resolve(tcfg, device)  # from the architecture alone: no weights are read
     if tcfg.mode == "plan":
         print(plan.plan_report(tcfg, ledger, budget, overrides))
@@ -141,6 +143,7 @@ def _train_run(tcfg: TrainConfig, config: dict[str, Any], overrides: list[str], 
         model = prepare.prepare_model(model, tcfg.model, tcfg.checkpointing, device)
         phase("prepare")
         model = adapt.wrap_model(model, tcfg.lora, tcfg.quantization)
+        model = adapt.compile_layers(model, tcfg.model)
         trainable, total = adapt.count_parameters(model)  # before FSDP leaves each process a shard
         engine = distributed.wrap(model, tcfg.distributed, tcfg.checkpointing, dist)
         phase("wrap")

@@ -144,6 +144,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"model.attn_implementation={m.attn_implementation!r} is not one of {', '.join(ATTN_IMPLS)}")
     if m.upcast not in ("none", "norms", "all"):
         p.append(f"model.upcast={m.upcast!r} is not one of none, norms, all")
+    if m.compile not in ("none", "layers", "auto"):
+        p.append(f"model.compile={m.compile!r} is not one of none, layers, auto")
     if m.kernels not in ("none", "liger", "auto"):
         p.append(f"model.kernels={m.kernels!r} is not one of none, liger, auto")
     elif m.kernels == "liger" and device != "cuda":
@@ -200,9 +202,6 @@ def validate(cfg: TrainConfig) -> None:
         if q.bits != 4:
             p.append("lora.kernel=fused fuses LoRA into 4-bit layers; use lora.kernel=peft with "
                      f"quantization={q.name}")
-        elif lo.adapter_dtype != q.compute_dtype:
-            p.append(f"lora.kernel=fused computes in one dtype; set lora.adapter_dtype={q.compute_dtype} "
-                     f"(= quantization.compute_dtype) or lora.kernel=peft")
         if lo.use_dora:
             p.append("lora.kernel=fused is plain LoRA; use lora.kernel=peft with DoRA")
 
