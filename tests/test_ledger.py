@@ -140,3 +140,26 @@ def test_plan_multirun_prints_one_verdict_per_job(cache_dir, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [x for x in res.stdout.splitlines() if x.startswith("PLAN ")]
     assert len(lines) == 2 and "fits 24.0 GiB" in lines[0] and "DOES NOT FIT" in lines[1]
+
+
+def test_fsdp_plan_shards_every_parameter_term_per_process(compose):
+    """distributed=fsdp on N processes: each parameter, gradient and AdamW term is 1/N, plus what FSDP gathers
+    while computing (root + 2 layers); activations are per process and do not shrink. DDP adds a bucket copy."""
+    base = ["experiment=llama3_8b_qlora", "model=llama3_8b_shape", "model.kernels=liger",
+            "checkpointing=non_reentrant", "quantization.quant_storage=bfloat16"]
+    one = predict(OmegaConf.to_object(compose(base)))
+    full = {i.name: i.bytes for i in one.items}
+    for n in (2, 8):
+        led = predict(OmegaConf.to_object(compose(base + ["distributed=fsdp", f"plan.processes={n}"])))
+        got = {i.name: i.bytes for i in led.items}
+        for name in ("base weights, 4-bit", "quant constants", "embeddings, head, norms", "LoRA parameters",
+                     "LoRA gradients", "optimizer states (AdamW)"):
+            assert got[f"{name} (1/{n} shard)"] == -(-full[name] // n), name
+        layer = (full["base weights, 4-bit"] + full["quant constants"]) // one.extra["arch"].layers
+        assert got["FSDP gathered: root + 2 layers"] == full["embeddings, head, norms"] + 2 * layer
+        assert got["checkpointed layer inputs"] == full["checkpointed layer inputs"]
+        assert led.peak_bytes == sum(got[t] for t in led.peak_terms)
+        assert led.phases["load"] == one.phases["load"]  # each process loads the whole model before sharding
+        assert led.peak_bytes < one.peak_bytes
+    ddp = predict(OmegaConf.to_object(compose(base + ["distributed=ddp", "plan.processes=2"])))
+    assert ddp.peak_bytes == one.peak_bytes + full["LoRA gradients"]

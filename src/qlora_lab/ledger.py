@@ -215,7 +215,8 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda
     input's dtype.
     """
     c = 2
-    a = 4 if cfg.lora.adapter_dtype == "float32" else 2
+    # PEFT runs fp32 adapters on an fp32 copy of the input; the fused kernel casts the (small) weights instead
+    a = 4 if cfg.lora.adapter_dtype == "float32" and cfg.lora.kernel != "fused" else 2
     liger = cfg.model.kernels == "liger"
     h, I = arch.hidden, arch.intermediate
     parts = {
@@ -243,6 +244,33 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda
     return parts
 
 
+def processes(cfg: TrainConfig) -> int:
+    """How many processes the run is planned for: plan.processes, else the launcher's WORLD_SIZE."""
+    from qlora_lab.distributed import launched_world_size
+
+    return cfg.plan.processes or launched_world_size()
+
+
+SHARDED = ("base weights", "quant constants", "embeddings", "LoRA parameters", "LoRA gradients",
+           "optimizer states (AdamW)")
+
+
+def _fsdp_items(items: list[Item], arch: Arch, n: int) -> list[Item]:
+    """Per process under FSDP2 on `n` processes: every parameter, gradient and AdamW state is a 1/n shard; while
+    computing, the root's parameters (embeddings, head, final norm: FSDP2 keeps the root unsharded from its
+    forward to the end of its backward) and two decoder layers (the running one and the prefetched next) are
+    gathered whole."""
+    out = []
+    for i in items:
+        out.append(Item(f"{i.name} (1/{n} shard)", i.inputs + f" / {n}", -(-i.bytes // n), i.kind)
+                   if i.name.startswith(SHARDED) else i)
+    layer = sum(i.bytes for i in items if i.name.startswith(("base weights", "quant constants"))) // arch.layers
+    root = next(i.bytes for i in items if i.name.startswith("embeddings"))
+    out.append(Item("FSDP gathered: root + 2 layers", f"embeddings/head/norms {root / GIB:.2f} GiB + 2 x "
+                    f"{layer / GIB:.3f} GiB per layer", root + 2 * layer, "static"))
+    return out
+
+
 def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None = None,
             device: str = "cuda") -> Ledger:
     """The ledger of one training step at `micro_batch` x model.max_seq_len tokens (CUDA allocator bytes)."""
@@ -265,6 +293,13 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
         items.append(Item("optimizer states (AdamW)", f"{lora_params:,} x 2 states x {a} B", lora_params * 2 * a,
                           "static"))
     items.append(Item("input batch", f"3 x {T:,} tokens x 8 B (ids, labels, mask)", 3 * T * 8, "static"))
+    weights_loaded = sum(i.bytes for i in items if i.name.startswith(("base", "quant", "embed")))
+    n_proc = processes(cfg)
+    if cfg.distributed.name == "fsdp" and n_proc > 1:
+        items = _fsdp_items(items, arch, n_proc)
+    elif cfg.distributed.name == "ddp" and n_proc > 1:
+        items.append(Item("DDP gradient buckets", f"a copy of the LoRA gradients, {lora_params:,} x {a} B",
+                          lora_params * a, "static"))
     static = sum(i.bytes for i in items if i.kind == "static")
 
     per_tok = activation_bytes_per_token(arch, cfg, device)
@@ -280,8 +315,9 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
         if ck.offload_to_cpu:
             items.append(Item("checkpointed layer inputs (host memory)", f"L x T x h x {c} B, pinned on the CPU",
                               layer_in, "outside"))
-            saved = T * arch.hidden * c  # the one being copied back
-            items.append(Item("offload copy-back buffer", f"T x h x {c} B", saved, "activation"))
+            saved = 2 * T * arch.hidden * c  # the layer being recomputed and the one prefetched behind it
+            items.append(Item("offload copy-back buffers", f"2 x T x h x {c} B (current + prefetched)", saved,
+                              "activation"))
         else:
             saved = layer_in
             items.append(Item("checkpointed layer inputs", f"L={arch.layers} x T={T:,} x h={arch.hidden} x {c} B",
@@ -319,8 +355,11 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
         extra = ["recompute of one layer"] if ck.enabled else []
         peak, where, terms = at_layer, "a layer's backward", kept + extra + ["layer backward working set"]
     weights = sum(i.bytes for i in items if i.kind == "static" and i.name.startswith(("base", "quant", "embed")))
+    if weights_loaded > peak:  # FSDP on many processes: each loads the whole quantized model before sharding it
+        peak, where, terms = weights_loaded, "loading (each process holds the whole model until FSDP shards it)", \
+            ["base weights, quant constants, embeddings before sharding"]
     phases = {
-        "load": weights,
+        "load": weights_loaded,
         "wrap": weights + lora_params * a,
         "first_forward": weights + lora_params * a + saved + loss_fwd,
         "first_backward": weights + 2 * lora_params * a,
