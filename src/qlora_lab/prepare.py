@@ -76,24 +76,22 @@ class HostOffload:
     Forward: the copy to the host runs on a side stream while the next layers compute (the GPU tensor is kept
     alive for the side stream until the copy is done). Backward: layers come back in reverse order, so when one
     layer's input is unpacked the previous layer's input is already being copied back on the side stream
-    (double buffering): its recompute then waits on an event, not on a blocking copy. Pinned buffers are pooled
-    by shape and reused every step. Small tensors (RoPE tables, masks) stay on the GPU.
+    (double buffering): its recompute then waits on an event, not on a blocking copy. Pinned buffers come from
+    torch's caching host allocator, which reuses them by size class (bounded however the sequence lengths vary)
+    and only after the copies recorded on them are done. Small tensors (RoPE tables, masks) stay on the GPU.
     """
 
     MIN_BYTES = 1 << 20
 
     def __init__(self):
         self.stream = torch.cuda.Stream()
-        self.pool: dict[tuple, list[torch.Tensor]] = {}
         self.last: _Saved | None = None
 
     def pack(self, t: torch.Tensor):
         if not t.is_cuda or t.numel() * t.element_size() < self.MIN_BYTES:
             return t
-        key = (tuple(t.shape), t.dtype)
-        free = self.pool.get(key)
         s = _Saved()
-        s.host = free.pop() if free else torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        s.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         s.device, s.gpu, s.loaded = t.device, None, None
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
@@ -125,7 +123,5 @@ class HostOffload:
         torch.cuda.current_stream().wait_event(s.loaded)
         if first:
             s.gpu.record_stream(torch.cuda.current_stream())
-            # the host buffer goes back to the pool; the side stream's later copies into it queue after this one
-            self.pool.setdefault((tuple(s.host.shape), s.host.dtype), []).append(s.host)
-            s.host, s.prev = None, None
+            s.host, s.prev = None, None  # back to the host allocator once the copy recorded on it is done
         return s.gpu
