@@ -38,7 +38,9 @@ def launch(args: list[str], cache_dir: Path, run_dir: Path,
         if processes else [sys.executable]
     cmd = [*head, str(ROOT / "train.py"), *COMMON, *args, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-4000:])
+    if res.returncode != 0:  # the lines that say why, from whichever process failed, then the tail
+        why = [x for x in res.stderr.splitlines() if any(k in x for k in ("Error", "terminate", "rank", "what()"))]
+        pytest.fail(f"exit {res.returncode}\n" + "\n".join(why[-40:]) + "\n--- stderr tail ---\n" + res.stderr[-3000:])
     return res
 
 

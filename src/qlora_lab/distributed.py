@@ -102,8 +102,13 @@ def setup(cfg: DistributedConfig, device: str) -> Dist:
 
 
 def teardown(d: Dist) -> None:
+    """Leave the group together: rank 0 still writes the summary and closes W&B after the others are done, and a
+    process that tears its connections down while a peer still holds the group can make gloo abort that peer."""
     if d.active and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            d.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def shard_batch(batch: dict[str, torch.Tensor], d: Dist) -> dict[str, torch.Tensor]:
