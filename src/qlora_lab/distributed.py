@@ -177,11 +177,14 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
 
 
 def adapter_state(model: torch.nn.Module, d: Dist) -> dict[str, torch.Tensor]:
-    """The trainable tensors by parameter name, whole and on the CPU (on rank 0; FSDP: a collective)."""
+    """The trainable tensors by parameter name, whole and on the CPU, on rank 0 (the only writer; the others get
+    {}). Call it on every process: under FSDP it is a collective."""
     if d.fsdp:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
         return get_model_state_dict(model, options=_full_options())
+    if not d.main:  # DDP replicas hold the same tensors as rank 0: no copy to make
+        return {}
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -198,11 +201,14 @@ def load_adapter_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, d: Dist) -> dict[str, Any]:
-    """optimizer.state_dict() keyed by parameter name (not position), whole; FSDP: a collective."""
+    """optimizer.state_dict() keyed by parameter name (not position), whole, on rank 0 ({} elsewhere); FSDP: a
+    collective."""
     if d.fsdp:
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         return get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not d.main:
+        return {}
     return by_name(optimizer.state_dict(), trainable_names(model))
 
 

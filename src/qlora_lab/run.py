@@ -76,14 +76,14 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     # Everything that can be checked without a model is checked first, and all problems are reported at once.
     validate(tcfg)
     device = resolve_device(tcfg.device)
+    # A plan describes a CUDA step wherever it is printed, so it resolves `auto` settings as a GPU run would.
+    target = "cuda" if tcfg.mode == "plan" else device
     if tcfg.model.kernels == "auto":
         from qlora_lab.ledger import model_config
 
-        # A plan describes a CUDA step wherever it is printed, so it resolves `auto` as a GPU run would.
-        target = "cuda" if tcfg.mode == "plan" else device
         tcfg.model.kernels = load.resolve_kernels(tcfg.model, model_config(tcfg).model_type, target)
     if tcfg.model.compile == "auto":  # Triton codegen where it pays (CUDA); the CPU would pay minutes of compile
-        tcfg.model.compile = "layers" if ("cuda" if tcfg.mode == "plan" else device) == "cuda" else "none"
+        tcfg.model.compile = "layers" if target == "cuda" else "none"
     ledger, budget = plan.resolve(tcfg, device)  # from the architecture alone: no weights are read
     if tcfg.mode == "plan":
         print(plan.plan_report(tcfg, ledger, budget, overrides))

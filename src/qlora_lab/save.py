@@ -14,19 +14,18 @@ from typing import Any
 
 import torch
 
+from qlora_lab.distributed import Dist, adapter_state
+
 PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
             "hydra-core", "omegaconf", "wandb", "qlora-lab")
 
 
-def save_adapter(model, tokenizer, out_dir: Path, dist=None) -> Path:
+def save_adapter(model, tokenizer, out_dir: Path, dist: Dist = Dist()) -> Path:
     """`PeftModel.from_pretrained(base, out_dir / "adapter")` loads what this writes.
 
     Written next to its final place and renamed into it, so a failed write (a full disk) leaves any earlier
     adapter whole and no half-written one. Every process calls it (FSDP gathers the shards); rank 0 writes.
     """
-    from qlora_lab.distributed import Dist, adapter_state
-
-    dist = dist or Dist()
     target, tmp, old = out_dir / "adapter", out_dir / ".adapter.tmp", out_dir / ".adapter.old"
     tensors = adapter_state(model, dist) if dist.fsdp else None  # gathered whole: shards cannot be saved as such
     if not dist.main:

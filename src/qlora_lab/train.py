@@ -319,19 +319,20 @@ def train(model, tokenizer, train_set: list[Example], eval_set: list[Example], c
     finite = [x for x in state["losses"] if x is not None]
     # Skip the first steps in the throughput figure: they include allocator warm-up and lazy init.
     steady = state["throughputs"][min(3, len(state["throughputs"]) - 1):]
+    tokens_per_s = statistics.median(steady) if steady else float("nan")
     eval_loss = state["eval_loss"]
     return {
         "summary/first_loss": finite[0] if finite else float("nan"),
         "summary/final_loss": finite[-1] if finite else float("nan"),
         "summary/eval_loss": float("nan") if eval_loss is None else eval_loss,
-        "summary/tokens_per_s": statistics.median(steady) if steady else float("nan"),
+        "summary/tokens_per_s": tokens_per_s,
         "summary/peak_memory_gib": state["peak_gib"],
         "summary/steps": steps,
         "summary/tokens": state["tokens_seen"],
         "summary/skipped_steps": state["skipped"],
         "summary/resumed_from_step": first - 1,
         "summary/processes": dist.world,
-        "summary/tokens_per_s_per_process": (statistics.median(steady) if steady else float("nan")) / dist.world,
+        "summary/tokens_per_s_per_process": tokens_per_s / dist.world,
     }
 
 
