@@ -297,6 +297,8 @@ def validate(cfg: TrainConfig) -> None:
         p.append(f"plan.gpu_memory_gib={cfg.plan.gpu_memory_gib} must be > 0")
     if cfg.plan.max_micro_batch < 1:
         p.append(f"plan.max_micro_batch={cfg.plan.max_micro_batch} must be >= 1")
+    if cfg.plan.processes is not None and cfg.plan.processes < 1:
+        p.append(f"plan.processes={cfg.plan.processes} must be >= 1 (or null: the launcher's WORLD_SIZE)")
 
     if p:
         raise ConfigError(p)
@@ -332,7 +334,8 @@ def distributed_problems(cfg: TrainConfig, device: str) -> list[str]:
         p.append(f"data.micro_batch_size=auto probes one process's memory; with distributed={dc.name} give an "
                  "integer (mode=plan shows what fits)")
     if dc.name == "fsdp":
-        if q.bits == 4 and q.quant_storage != dc.param_dtype:
+        # (an unknown param_dtype is reported above; a storage fix naming it would be wrong)
+        if q.bits == 4 and dc.param_dtype in DTYPES and q.quant_storage != dc.param_dtype:
             p.append(f"distributed=fsdp gathers weights as {dc.param_dtype}, but the 4-bit weights are packed as "
                      f"{q.quant_storage}; set quantization.quant_storage={dc.param_dtype} so they travel as stored")
         if q.bits == 8:
