@@ -2,12 +2,18 @@
 
 import os
 import sys
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qlora_lab.config import register_configs
-from qlora_lab.resolvers import register_resolvers
+from qlora_lab.core.errors import EXPECTED, exit_code
+from qlora_lab.core.resolvers import register_resolvers
+from qlora_lab.core.schema import register_configs
+from qlora_lab.runner import sweep
+from qlora_lab.runner.run import run
 
 register_configs()
 register_resolvers()
@@ -17,18 +23,6 @@ if int(os.environ.get("RANK", "0")) > 0:  # torchrun / accelerate launch: rank 0
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> float:
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from qlora_lab import sweep
-    from qlora_lab.checkpoint import CheckpointError
-    from qlora_lab.data import DataError
-    from qlora_lab.run import run
-    from qlora_lab.train import NonFiniteLossError
-    from qlora_lab.validate import ConfigError
-
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
     if hc.mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -46,15 +40,9 @@ def main(cfg: DictConfig) -> float:
         return record.get("summary/final_loss", float("nan"))
     try:
         summary = run(cfg, overrides=overrides)
-    except (ConfigError, DataError, CheckpointError) as e:  # the message says what to fix; a traceback adds nothing
-        print(f"qlora-lab: {e}", file=sys.stderr)
-        sys.exit(2)
-    except NonFiniteLossError as e:
-        print(f"qlora-lab: {e}", file=sys.stderr)
-        sys.exit(3)
-    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the loop wrote a checkpoint at the step boundary
-        print(f"qlora-lab: {e or 'interrupted'}", file=sys.stderr)
-        sys.exit(130)
+    except EXPECTED as e:  # the message says what happened and what to do; a traceback adds nothing
+        print(f"qlora-lab: {str(e) or 'interrupted'}", file=sys.stderr)
+        sys.exit(exit_code(e))
     return summary.get("summary/final_loss", float("nan"))  # what a sweeper optimizes
 
 

@@ -1,7 +1,7 @@
 """Loss curves of the seed recipe and of a qlora-lab preset on the same weights, LoRA init and batches.
 
   python bench/curve.py --shape phi4mini --steps 50 --variants preset bf16_adapters   # the seed recipe + each
-  python bench/curve.py --worker seed|<variant> phi4mini 50   # one curve, printed as one JSON line
+  python bench/curve.py --worker seed|<variant> phi4mini 50 [cache dir]   # one curve, printed as one JSON line
 
 Both load the same random-init checkpoint of the shape (built by qlora-lab's loader), seed the LoRA init the same
 way (torch.manual_seed right before PEFT wraps the model: same A matrices, B = 0), and train on the same cycle of
@@ -16,7 +16,7 @@ import json
 import subprocess
 import sys
 
-from speed import ROOT, SHAPE_MODEL  # bench/ is on sys.path when this script runs
+from common import DEFAULT_CACHE, ROOT, bench_spec  # bench/ is on sys.path when this script runs
 
 LR, BS, SEQ, POOL = 2e-4, 2, 1024, 4
 FUSED = ["model.kernels=liger", "lora.kernel=fused"]
@@ -27,32 +27,15 @@ LEVERS = {
 }
 
 
-def _cfg(shape: str, overrides: list[str]):
-    import os
-
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
-
-    from qlora_lab.config import register_configs
-    from qlora_lab.resolvers import register_resolvers
-
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"model={SHAPE_MODEL[shape]}", "quantization=nf4", "lora.dropout=0", "logger=none", "device=cuda",
-            "checkpointing=non_reentrant", f"model.max_seq_len={SEQ}", *overrides, "output_dir=/tmp/qlab-curve",
-            "run_name=curve", "sweep_id=null", f"cache_dir={os.environ.get('QLAB_BENCH_CACHE', '/tmp/qlab-cache')}"])
-    return OmegaConf.to_object(cfg)
-
-
-def worker(kind: str, shape: str, steps: int) -> dict:
+def worker(kind: str, shape: str, steps: int, cache_dir: str = DEFAULT_CACHE) -> dict:
     import torch
 
-    from qlora_lab import adapt, load, prepare, quantize
+    from qlora_lab.model import build_model, model_source
 
-    cfg = _cfg(shape, LEVERS.get(kind, []))
-    path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0, "cuda")
+    spec = bench_spec(shape, ["quantization=nf4", "lora.dropout=0", "checkpointing=non_reentrant",
+                              *LEVERS.get(kind, [])], SEQ, cache_dir)
+    source = model_source(spec)
+    path = source.path
     if kind == "seed":
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -70,10 +53,8 @@ def worker(kind: str, shape: str, steps: int) -> dict:
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
     else:
-        model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cuda")
-        model = prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda")
-        torch.manual_seed(1234)
-        model = adapt.compile_layers(adapt.wrap_model(model, cfg.lora, cfg.quantization), cfg.model)
+        # seeded right after prepare, i.e. right before PEFT wraps the model, as the seed recipe is above
+        model = build_model(spec, source, on_phase=lambda p: p == "prepare" and torch.manual_seed(1234)).model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
@@ -119,7 +100,8 @@ def main(shape: str, steps: int, variants: list[str]) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--worker":
-        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))), flush=True)
+        cache = sys.argv[5] if len(sys.argv) > 5 else DEFAULT_CACHE
+        print(json.dumps(worker(sys.argv[2], sys.argv[3], int(sys.argv[4]), cache)), flush=True)
     else:
         import argparse
 

@@ -36,12 +36,13 @@ CONFIGS = [
 def main() -> None:
     only = sys.argv[1:]  # optional shape filter
     rows = []
-    env = {**os.environ, "QLAB_BENCH_STEPS": "3", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     for shape, bs, ov in CONFIGS:
         if only and shape not in only:
             continue
         t = time.time()
-        res = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--worker", shape, str(bs), "2048", *ov],
+        res = subprocess.run([sys.executable, str(ROOT / "bench" / "speed.py"), "--worker", shape, str(bs), "2048", *ov,
+                              "--steps", "3"],
                              capture_output=True, text=True, env=env, cwd=ROOT, timeout=400)
         lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
         row = json.loads(lines[-1]) if lines and res.returncode == 0 else {"error": res.stderr.strip()[-300:]}

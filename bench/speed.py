@@ -2,7 +2,8 @@
 
   python bench/speed.py                         # the table: peers + qlora-lab variants, phi4mini & llama8b, bs 4
   python bench/speed.py --shapes phi4mini --batches 1 4 --variants default liger
-  python bench/speed.py --worker phi4mini 4 2048 [hydra overrides...]   # one qlora-lab run, prints one JSON line
+  python bench/speed.py --worker phi4mini 4 2048 [hydra overrides...] [--steps N] [--profile N] [--cache DIR]
+                                                # one qlora-lab run, prints one JSON line
 
 Timing is the peers' (their scripts copied into .peers/): random-init weights of the real shape, random token
 ids, seq 2048, LoRA r16 alpha 32 on every linear layer, dropout 0, 6 optimizer steps, median step time of the
@@ -20,9 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import DEFAULT_CACHE, ROOT, SHAPE_MODEL, bench_spec  # bench/ is on sys.path when this script runs
+
 PEERS = ROOT / ".peers"
-SHAPE_MODEL = {"phi4mini": "phi4_mini_shape", "llama8b": "llama3_8b_shape"}
 # qlora-lab variants: name -> overrides on top of the shape and the peers' LoRA settings.
 VARIANTS = {
     "default": [],
@@ -37,69 +38,52 @@ VARIANTS = {
     "compiled_offload": ["model.kernels=liger", "lora.adapter_dtype=bfloat16", "lora.kernel=fused",
                          "model.compile=layers", "checkpointing=offload"],
 }
-COMMON = ["lora.dropout=0", "logger=none", "device=cuda", "checkpointing=non_reentrant", "quantization=nf4"]
+COMMON = ["lora.dropout=0", "checkpointing=non_reentrant", "quantization=nf4"]
 
 
-def worker(shape: str, bs: int, seq: int, overrides: list[str]) -> dict:
+def worker(shape: str, bs: int, seq: int, overrides: list[str], steps: int = 6, profile_steps: int = 0,
+           cache_dir: str = DEFAULT_CACHE) -> dict:
+    """`steps` training steps of one qlora-lab variant through the project's own model build and step."""
     import torch
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from qlora_lab import adapt, load, prepare, quantize
-    from qlora_lab.config import register_configs
-    from qlora_lab.resolvers import register_resolvers
-    from qlora_lab.train import build_optimizer, count_label_tokens, forward_loss
+    from qlora_lab.memory.ledger import predict
+    from qlora_lab.model import build_model
+    from qlora_lab.train.optim import build_optimizer
+    from qlora_lab.train.step import forward_backward
 
-    register_configs()
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[
-            f"model={SHAPE_MODEL[shape]}", *COMMON, *overrides, f"model.max_seq_len={seq}", "output_dir=/tmp/qlab-bench", "run_name=bench",
-            "sweep_id=null", f"cache_dir={os.environ.get('QLAB_BENCH_CACHE', '/tmp/qlab-cache')}"])
-    cfg = OmegaConf.to_object(cfg)
-    path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0, "cuda")
+    spec = bench_spec(shape, [*COMMON, *overrides, f"data.micro_batch_size={bs}"], seq, cache_dir)
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cuda")
-    load_gib = torch.cuda.memory_allocated() / 2**30
-    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda"),
-                             cfg.lora, cfg.quantization)
-    model = adapt.compile_layers(model, cfg.model)
+    loaded = {}
+    built = build_model(spec, on_phase=lambda p: loaded.setdefault(p, torch.cuda.memory_allocated() / 2**30))
+    model = built.model
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg, "cuda")
+    opt = build_optimizer(params, spec.cfg.optim, "cuda")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randint(0, model.config.vocab_size, (bs, seq), device="cuda", generator=g)
-    batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x)}
-    from qlora_lab.ledger import predict
+    batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x), "row": torch.arange(bs)}
 
-    predicted = predict(cfg, bs)
-    times, losses = [], []
-    for _ in range(int(os.environ.get("QLAB_BENCH_STEPS", "6"))):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = forward_loss(model, batch, "cuda", count_label_tokens(batch))
-        loss.backward()
+    def step() -> float:
+        result = forward_backward(built.engine, params, [batch], "cuda")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return result.loss
+
+    predicted = predict(spec.cfg, bs)
+    times, losses = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        losses.append(step())
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
-    if os.environ.get("QLAB_PROFILE"):
-        profile(lambda: _step(model, batch, opt), int(os.environ["QLAB_PROFILE"]))
+    if profile_steps:
+        profile(step, profile_steps)
     med = sorted(times[2:])[len(times[2:]) // 2]
     return dict(tok_s=round(bs * seq / med), step_s=round(med, 3), peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                load_gib=round(load_gib, 2), loss0=round(losses[0], 4), trainable=sum(p.numel() for p in params),
+                load_gib=round(loaded["load"], 2), loss0=round(losses[0], 4), trainable=built.trainable,
                 pred_gib=round(predicted.peak_gib, 2), pred_where=predicted.peak_where)
-
-
-def _step(model, batch, opt) -> None:
-    from qlora_lab.train import count_label_tokens, forward_loss
-
-    loss = forward_loss(model, batch, "cuda", count_label_tokens(batch))
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 # Kernel name fragments -> what they are, for the profile summary.
@@ -206,8 +190,16 @@ def print_table(rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        shape, bs, seq, *ov = sys.argv[2:]
-        print(json.dumps(worker(shape, int(bs), int(seq), ov)), flush=True)
+        wp = argparse.ArgumentParser(prog="speed.py --worker")
+        wp.add_argument("shape")
+        wp.add_argument("bs", type=int)
+        wp.add_argument("seq", type=int)
+        wp.add_argument("overrides", nargs="*")
+        wp.add_argument("--steps", type=int, default=6)
+        wp.add_argument("--profile", type=int, default=0, help="profile this many extra steps")
+        wp.add_argument("--cache", default=DEFAULT_CACHE)
+        w = wp.parse_args(sys.argv[2:])
+        print(json.dumps(worker(w.shape, w.bs, w.seq, w.overrides, w.steps, w.profile, w.cache)), flush=True)
         sys.exit(0)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["phi4mini", "llama8b"])

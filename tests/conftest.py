@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-sys.path.insert(0, str(Path(__file__).parent))  # the wandb_reader helper
+sys.path.insert(0, str(Path(__file__).parent))  # helpers.py, wandb_reader.py
 
-from qlora_lab.config import register_configs  # noqa: E402
-from qlora_lab.resolvers import register_resolvers  # noqa: E402
+from helpers import CONF  # noqa: E402
+from qlora_lab.core.resolvers import register_resolvers  # noqa: E402
+from qlora_lab.core.schema import freeze, register_configs  # noqa: E402
+from qlora_lab.core.spec import RunSpec  # noqa: E402
 
 register_configs()
 register_resolvers()
@@ -50,23 +50,30 @@ def compose(cache_dir, tmp_path):
 
 
 @pytest.fixture
-def tiny(compose):
-    """A prepared, LoRA-wrapped tiny model with its tokenizer and a training batch, for unit checks."""
+def spec_of(compose):
+    """spec_of(["lora.r=8"], device="cpu") -> a RunSpec of the composed config, as the runner would build."""
+    from omegaconf import OmegaConf
 
-    def _build(overrides: list[str] = (), seed: int = 0):
-        from omegaconf import OmegaConf
+    def _spec(overrides: list[str] = (), device: str = "cpu") -> RunSpec:
+        return RunSpec(cfg=freeze(OmegaConf.to_object(compose(list(overrides) + [f"device={device}"]))),
+                       device=device, processes=1)
 
-        from qlora_lab import adapt, data, load, prepare, quantize
+    return _spec
 
-        cfg = OmegaConf.to_object(compose(list(overrides) + ["device=cpu"]))
-        path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0)
-        tok = load.load_tokenizer(path, cfg.model)
-        torch.manual_seed(seed)
-        model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cpu")
-        model = prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu")
-        model = adapt.wrap_model(model, cfg.lora, cfg.quantization)
-        rows = data.read_rows(cfg.data)[:8]
-        batch = data.collate(data.build_examples(rows, tok, cfg.model.max_seq_len, True), tok.pad_token_id)
-        return cfg, model, tok, batch
+
+@pytest.fixture
+def tiny(spec_of):
+    """A prepared, LoRA-wrapped tiny model (model.build_model, what runs use) with its tokenizer and a batch."""
+
+    def _build(overrides: list[str] = (), seed: int = 0, **build_kwargs):
+        from qlora_lab.data import batching, rows, tokenize
+        from qlora_lab.model import build_model
+
+        spec = spec_of(overrides)
+        torch.manual_seed(seed)  # the LoRA init
+        built = build_model(spec, **build_kwargs)
+        examples = tokenize.build_examples(rows.read_rows(spec.cfg.data)[:8], built.tokenizer,
+                                           spec.cfg.model.max_seq_len, True)
+        return spec.cfg, built.model, built.tokenizer, batching.collate(examples, built.tokenizer.pad_token_id)
 
     return _build

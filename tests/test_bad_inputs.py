@@ -14,12 +14,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import CONF, ROOT
-from qlora_lab import checkpoint, plan
-from qlora_lab import validate as v
-from qlora_lab.checkpoint import CheckpointError
-from qlora_lab.data import DataError
-from qlora_lab.validate import ConfigError
+from helpers import CONF, ROOT
+from qlora_lab.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
+from qlora_lab.core.paths import TINY_DATA
+from qlora_lab.data import rows as data_rows
+from qlora_lab.memory import plan
+from qlora_lab.runner import preflight as v
+from qlora_lab.runner.run import run
+from qlora_lab.train import checkpoint
+from qlora_lab.train import step as step_mod
+from qlora_lab.train.optim import build_optimizer, build_scheduler
 
 # (id, overrides, the text of the one problem reported, which names the fix)
 CONFIG_CASES = [
@@ -29,43 +33,48 @@ CONFIG_CASES = [
     ("lora_dropout_one", ["lora.dropout=1.0"], "lora.dropout=1.0 must be in [0, 1)"),
     ("lora_targets_empty", ["lora.target_modules=[]"], "use [all-linear] or name modules"),
     ("loftq_on_quantized_base", ["lora.init=loftq"], "use quantization=none"),
-    ("lora_kernel_unknown", ["lora.kernel=triton"], "lora.kernel='triton' is not one of peft, fused"),
     ("fused_lora_without_4bit", ["lora.kernel=fused", "lora.adapter_dtype=bfloat16", "quantization=int8"],
      "use lora.kernel=peft with quantization=int8"),
     ("fused_lora_with_dora", ["lora=dora", "lora.kernel=fused", "lora.adapter_dtype=bfloat16"],
      "use lora.kernel=peft with DoRA"),
-    ("distributed_unknown", ["distributed=ddp", "distributed.name=deepspeed"], "is not one of none, ddp, fsdp"),
     ("fsdp_uint8_storage", ["distributed=fsdp"], "set quantization.quant_storage=bfloat16 so they travel as stored"),
     ("fsdp_int8", ["distributed=fsdp", "quantization=int8"], "use quantization=nf4 with quantization.quant_storage"),
     ("nccl_on_cpu", ["distributed=ddp", "distributed.backend=nccl", "device=cpu"], "use distributed.backend=gloo"),
     ("distributed_auto_micro_batch", ["distributed=ddp", "data.micro_batch_size=auto", "plan.gpu_memory_gib=80"],
      "with distributed=ddp give an integer"),
-    ("fsdp_param_dtype_unknown", ["distributed=fsdp", "quantization.quant_storage=bfloat16",
-                                  "distributed.param_dtype=fp8"], "distributed.param_dtype='fp8' is not one of"),
     ("plan_processes_zero", ["plan.processes=0"], "plan.processes=0 must be >= 1"),
-    ("compile_unknown", ["model.compile=max"], "model.compile='max' is not one of none, layers, auto"),
     ("quant_bits_unsupported", ["quantization.bits=3"], "must be 4, 8 or 16"),
-    ("quant_type_unknown", ["quantization.quant_type=nf3"], "is not one of nf4, fp4"),
     ("optim_lr_zero", ["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     ("grad_accum_zero", ["optim.grad_accum_steps=0"], "optim.grad_accum_steps=0 must be >= 1"),
     ("no_training_steps", ["optim.max_steps=0", "optim.epochs=0"], "set optim.max_steps > 0"),
     ("betas_out_of_range", ["optim.betas=[0.9,1.5]"], "must be two numbers in [0, 1)"),
-    ("scheduler_unknown", ["optim.scheduler=warmup_stable"], "is not one of cosine, linear, constant"),
     ("paged_optimizer_on_cpu", ["optim=paged_adamw_8bit", "device=cpu"], "use optim=adamw on the CPU"),
     ("micro_batch_zero", ["data.micro_batch_size=0"], "must be a positive integer or auto"),
     ("micro_batch_auto_on_cpu", ["data.micro_batch_size=auto", "device=cpu"], "plan.gpu_memory_gib=N"),
     ("eval_fraction_one", ["data.eval_fraction=1.0"], "data.eval_fraction=1.0 must be in [0, 1)"),
     ("liger_kernels_on_cpu", ["model.kernels=liger", "device=cpu"], "use model.kernels=none on the CPU"),
-    ("attention_unknown", ["model.attn_implementation=flash3"], "is not one of sdpa, eager"),
     ("offload_without_checkpointing", ["checkpointing=none", "checkpointing.offload_to_cpu=true"],
      "needs checkpointing.enabled=true"),
     ("log_every_zero", ["logger.log_every=0"], "logger.log_every=0 must be >= 1"),
-    ("device_unknown", ["device=tpu"], "is not one of auto, cpu, cuda"),
-    ("mode_unknown", ["mode=serve"], "mode='serve' is not one of train, plan"),
     ("save_every_negative", ["save.every_steps=-5"], "save.every_steps=-5 must be >= 0"),
     ("keep_last_zero", ["save.keep_last=0"], "save.keep_last=0 must be >= 1"),
-    ("guard_action_unknown", ["guard.nonfinite=ignore"], "is not one of stop, skip"),
     ("resume_path_missing", ["resume=/nonexistent/run"], "or resume=auto"),
+]
+
+
+# A choice that is not one of its Enum's members fails when Hydra composes the config, naming every valid one.
+COMPOSE_CASES = [
+    ("lora_kernel_unknown", ["lora.kernel=triton"], "Invalid value 'triton', expected one of [peft, fused]"),
+    ("distributed_unknown", ["distributed=ddp", "distributed.name=deepspeed"], "expected one of [none, ddp, fsdp]"),
+    ("fsdp_param_dtype_unknown", ["distributed=fsdp", "distributed.param_dtype=fp8"],
+     "Invalid value 'fp8', expected one of [bfloat16, float16, float32]"),
+    ("compile_unknown", ["model.compile=max"], "Invalid value 'max', expected one of [none, layers, auto]"),
+    ("quant_type_unknown", ["quantization.quant_type=nf3"], "expected one of [nf4, fp4]"),
+    ("scheduler_unknown", ["optim.scheduler=warmup_stable"], "expected one of [cosine, linear, constant]"),
+    ("attention_unknown", ["model.attn_implementation=flash3"], "expected one of [sdpa, eager, flash_attention_2]"),
+    ("device_unknown", ["device=tpu"], "Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
+    ("mode_unknown", ["mode=serve"], "Invalid value 'serve', expected one of [train, plan]"),
+    ("guard_action_unknown", ["guard.nonfinite=ignore"], "expected one of [stop, skip]"),
 ]
 
 
@@ -76,6 +85,15 @@ def test_config_value(compose, overrides, needle):
         v.validate(cfg)
     assert len(e.value.problems) == 1, e.value.problems
     assert needle in e.value.problems[0]
+
+
+@pytest.mark.parametrize("overrides,needle", [c[1:] for c in COMPOSE_CASES], ids=[c[0] for c in COMPOSE_CASES])
+def test_choice_value(compose, overrides, needle):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        compose(overrides)
+    assert needle in str(e.value.__cause__)
 
 
 def test_unknown_experiment(compose):
@@ -95,7 +113,7 @@ def test_device_cuda_without_gpu(compose):
 def test_lora_target_that_matches_nothing_fails_before_loading(compose):
     cfg = OmegaConf.to_object(compose(["lora.target_modules=[q_proj,qkv_proj]"]))
     with pytest.raises(ConfigError) as e:
-        plan.resolve(cfg, "cpu")  # what run() calls right after validate: the model on the meta device only
+        plan.plan_run(cfg, "cpu")  # what run() calls right after validate: the model on the meta device only
     assert "['qkv_proj']" in str(e.value) and "q_proj" in str(e.value) and "down_proj" in str(e.value)
 
 
@@ -128,20 +146,18 @@ def test_hub_unreachable_is_detected_quickly(monkeypatch):
 
 
 def test_dataset_shorter_than_one_batch(compose, tmp_path):
-    from qlora_lab import data
-
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"prompt": f"p{i}", "response": "r"}) + "\n" for i in range(5)))
     d = OmegaConf.to_object(compose(["data=jsonl", f"data.path={path}", "data.micro_batch_size=8"])).data
     with pytest.raises(DataError, match=r"set data.micro_batch_size<=5"):
-        data.check_size(data.read_rows(d), d)
+        data_rows.check_size(len(data_rows.read_rows(d)), d, 8)
 
 
 # ---- checkpoints and resume: one real run with checkpoints, copied per case ----
 
 STEPS, EVERY = 5, 2
 BASE = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=3", "logger=none",
-        "logger.eval_every=0", "device=cpu"]
+        "eval.every_steps=0", "device=cpu"]
 
 
 def _cfg(cache_dir, out: Path, overrides: list[str]):
@@ -153,8 +169,6 @@ def _cfg(cache_dir, out: Path, overrides: list[str]):
 
 
 def _run(cache_dir, out: Path, overrides: list[str]):
-    from qlora_lab.run import run
-
     return run(_cfg(cache_dir, out, BASE + overrides), overrides=overrides)
 
 
@@ -207,17 +221,15 @@ def test_checkpoint_from_another_model_or_lora_shape(run_copy, cache_dir):
 
 
 def test_checkpoint_adapter_of_another_shape_is_refused_on_load(run_copy, cache_dir, tiny):
-    from qlora_lab.train import build_optimizer, build_scheduler
-
     cfg, model, _, _ = tiny(["lora.r=8"])
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg, "cpu")
+    opt = build_optimizer(params, cfg.optim, "cpu")
     with pytest.raises(CheckpointError, match="another model or LoRA shape"):
-        checkpoint.load(checkpoint.all_checkpoints(run_copy)[-1], model, opt, build_scheduler(opt, cfg, 5))
+        checkpoint.load(checkpoint.all_checkpoints(run_copy)[-1], model, opt, build_scheduler(opt, cfg.optim, 5))
 
 
 def test_checkpoint_of_other_data_is_refused(run_copy, cache_dir, tmp_path):
-    rows = (ROOT / "src/qlora_lab/assets/tiny_tasks.jsonl").read_text().splitlines()
+    rows = TINY_DATA.read_text().splitlines()
     other = tmp_path / "other.jsonl"
     other.write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
     ckpt = checkpoint.all_checkpoints(run_copy)[-1]
@@ -280,21 +292,17 @@ def test_disk_full_while_saving_the_adapter(cache_dir, tmp_path, monkeypatch):
 
 def _poison(monkeypatch, steps: set[int]):
     """Make the loss NaN on the given optimizer steps (one micro-batch per step), as a bad batch would."""
-    import qlora_lab.train as tr
-
-    real, count = tr.forward_loss, {"n": 0}
+    real, count = step_mod.forward_loss, {"n": 0}
 
     def forward(*a, **k):
         loss = real(*a, **k)
         count["n"] += 1
         return loss * float("nan") if count["n"] in steps else loss
 
-    monkeypatch.setattr(tr, "forward_loss", forward)
+    monkeypatch.setattr(step_mod, "forward_loss", forward)
 
 
 def test_nonfinite_loss_stops_with_a_diagnostic(cache_dir, tmp_path, monkeypatch):
-    from qlora_lab.train import NonFiniteLossError
-
     _poison(monkeypatch, {3})
     out = tmp_path / "run"
     with pytest.raises(NonFiniteLossError) as e:
@@ -324,8 +332,6 @@ def test_nonfinite_loss_skipped_and_training_goes_on(cache_dir, tmp_path, monkey
 
 
 def test_nonfinite_skip_gives_up_after_max_skips(cache_dir, tmp_path, monkeypatch):
-    from qlora_lab.train import NonFiniteLossError
-
     _poison(monkeypatch, {2, 3, 4})
     with pytest.raises(NonFiniteLossError, match="after 2 skipped steps"):
         _run(cache_dir, tmp_path / "run", ["guard.nonfinite=skip", "guard.max_skips=2"])
@@ -340,7 +346,8 @@ def _test_exists(ref: str) -> bool:
     path = Path(__file__).parent / f"{m[1]}.py"
     if not path.is_file() or not re.search(rf"^def {m[2]}\(", path.read_text(), re.M):
         return False
-    return m[3] is None or (m[2] == "test_config_value" and m[3] in {c[0] for c in CONFIG_CASES})
+    cases = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES}.get(m[2], [])
+    return m[3] is None or m[3] in {c[0] for c in cases}
 
 
 def test_every_catalogued_case_has_its_test():
@@ -351,4 +358,4 @@ def test_every_catalogued_case_has_its_test():
     missing = [r for rr in refs for r in rr if not _test_exists(r)]
     assert not missing, f"docs/bad_inputs.md names tests that do not exist: {missing}"
     listed = {r.split("[")[1].rstrip("]") for rr in refs for r in rr if "[" in r}
-    assert listed == {c[0] for c in CONFIG_CASES}, "every config case is in the docs table"
+    assert listed == {c[0] for c in CONFIG_CASES + COMPOSE_CASES}, "every config case is in the docs table"

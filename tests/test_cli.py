@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import ROOT
+from helpers import train_py
 from wandb_reader import read_run
 
 
-def train_py(args: list[str], cache_dir, out_dir, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "HYDRA_FULL_ERROR": "0"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
-           f"hydra.run.dir={out_dir}/run", f"hydra.sweep.dir={out_dir}/sweep"]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 def test_two_job_multirun_gives_two_runs_in_one_group(cache_dir, tmp_path):
-    res = train_py(["-m", "lora.r=8,16", "optim.max_steps=3", "logger.eval_every=0"], cache_dir, tmp_path)
+    res = train_py(["-m", "lora.r=8,16", "optim.max_steps=3", "eval.every_steps=0"], cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "metrics.jsonl").exists())
-    assert [p.name for p in jobs] == ["0_logger.eval_every=0,lora.r=8,optim.max_steps=3",
-                                      "1_logger.eval_every=0,lora.r=16,optim.max_steps=3"]
+    assert [p.name for p in jobs] == ["0_eval.every_steps=0,lora.r=8,optim.max_steps=3",
+                                      "1_eval.every_steps=0,lora.r=16,optim.max_steps=3"]
     runs = [read_run(p) for p in jobs]
     assert runs[0]["run"].run_group == runs[1]["run"].run_group == "sweep"
     assert [r["config"]["lora.r"] for r in runs] == [8, 16]

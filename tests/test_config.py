@@ -7,9 +7,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF
-from qlora_lab import validate as v
-from qlora_lab.validate import ConfigError
+from helpers import CONF
+from qlora_lab.core.errors import ConfigError
+from qlora_lab.model.kernels import resolve_kernels
+from qlora_lab.runner import preflight as v
 
 GROUPS = ["model", "quantization", "lora", "checkpointing", "data", "optim", "logger"]
 CUDA_ONLY = {("optim", "paged_adamw_8bit")}
@@ -140,8 +141,6 @@ def test_liger_kernels_need_cuda(compose):
 
 def test_kernels_auto_resolves_to_liger_only_where_it_can_run(compose, monkeypatch):
     import sys
-
-    from qlora_lab.load import resolve_kernels
 
     m = OmegaConf.to_object(compose(["experiment=phi4_mini_qlora"])).model
     assert m.kernels == "auto"

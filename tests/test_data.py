@@ -7,8 +7,10 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from qlora_lab import data, load
-from qlora_lab.data import IGNORE_INDEX, DataError
+from qlora_lab.core.errors import DataError
+from qlora_lab.data import batching, rows, tokenize
+from qlora_lab.data.tokenize import IGNORE_INDEX
+from qlora_lab.model import source
 
 
 def write(path, rows):
@@ -17,7 +19,7 @@ def write(path, rows):
 
 
 def read(compose, path):
-    return data.read_rows(OmegaConf.to_object(compose(["data=jsonl", f"data.path={path}"])).data)
+    return rows.read_rows(OmegaConf.to_object(compose(["data=jsonl", f"data.path={path}"])).data)
 
 
 def test_rows_missing_fields_are_named_by_row(compose, tmp_path):
@@ -62,16 +64,16 @@ def test_empty_dataset(compose, tmp_path):
 
 def _tokenizer(compose):
     cfg = OmegaConf.to_object(compose())
-    return load.load_tokenizer(load.resolve_model_path(cfg.model, cfg.cache_dir, 0), cfg.model)
+    return source.load_tokenizer(source.resolve_model_path(cfg.model, cfg.cache_dir, 0), cfg.model)
 
 
 def test_prompt_masking_labels_only_the_response(compose):
     tok = _tokenizer(compose)
-    ex = data.tokenize_row({"prompt": "reverse abc", "response": "cba"}, 0, tok, 64, mask_prompt=True)
+    ex = tokenize.tokenize_row({"prompt": "reverse abc", "response": "cba"}, 0, tok, 64, mask_prompt=True)
     labelled = [t for t in ex.labels if t != IGNORE_INDEX]
     assert tok.decode(labelled) == "cba<|end|>"
     assert tok.decode(ex.input_ids) == "<|user|>reverse abc<|end|><|assistant|>cba<|end|>"
-    unmasked = data.tokenize_row({"prompt": "reverse abc", "response": "cba"}, 0, tok, 64, mask_prompt=False)
+    unmasked = tokenize.tokenize_row({"prompt": "reverse abc", "response": "cba"}, 0, tok, 64, mask_prompt=False)
     assert unmasked.labels == unmasked.input_ids
 
 
@@ -80,7 +82,7 @@ def test_multi_turn_masks_every_non_assistant_turn(compose):
     row = {"messages": [{"role": "system", "content": "be terse"}, {"role": "user", "content": "sort cab"},
                         {"role": "assistant", "content": "abc"}, {"role": "user", "content": "first cab"},
                         {"role": "assistant", "content": "c"}]}
-    ex = data.tokenize_row(row, 0, tok, 128, mask_prompt=True)
+    ex = tokenize.tokenize_row(row, 0, tok, 128, mask_prompt=True)
     spans, cur = [], []
     for t, lab in zip(ex.input_ids, ex.labels):
         if lab != IGNORE_INDEX:
@@ -96,23 +98,23 @@ def test_messages_without_chat_template_is_refused(compose):
     tok = _tokenizer(compose)
     tok.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
-        data.tokenize_row({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
+        tokenize.tokenize_row({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]},
                           0, tok, 64, True)
-    ex = data.tokenize_row({"prompt": "ab", "response": "cd"}, 0, tok, 64, True)  # falls back to plain text
+    ex = tokenize.tokenize_row({"prompt": "ab", "response": "cd"}, 0, tok, 64, True)  # falls back to plain text
     assert tok.decode([t for t in ex.labels if t != IGNORE_INDEX]) == "cd<|end|>"
 
 
 def test_truncation_that_drops_every_response_is_an_error(compose):
     tok = _tokenizer(compose)
     with pytest.raises(DataError, match="raise it"):
-        data.build_examples([{"prompt": "reverse abcdef", "response": "fedcba"}], tok, 3, True)
+        tokenize.build_examples([{"prompt": "reverse abcdef", "response": "fedcba"}], tok, 3, True)
 
 
 def test_collate_pads_and_masks(compose):
     tok = _tokenizer(compose)
-    exs = data.build_examples([{"prompt": "sort ba", "response": "ab"},
+    exs = tokenize.build_examples([{"prompt": "sort ba", "response": "ab"},
                                {"prompt": "reverse abcdef", "response": "fedcba"}], tok, 64, True)
-    b = data.collate(exs, tok.pad_token_id)
+    b = batching.collate(exs, tok.pad_token_id)
     assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
     short = len(exs[0].input_ids)
     assert (b["attention_mask"][0, short:] == 0).all() and (b["labels"][0, short:] == IGNORE_INDEX).all()
@@ -122,8 +124,8 @@ def test_collate_pads_and_masks(compose):
 def test_batch_order_is_a_function_of_seed_and_epoch(compose):
     tok = _tokenizer(compose)
     rows = [{"prompt": f"first {w}", "response": w[0]} for w in ("abc", "bcd", "cde", "def", "efg")]
-    exs = data.build_examples(rows, tok, 64, True)
-    order = lambda s, e: [int(r) for b in data.batches(exs, 2, 0, True, s, e) for r in b["row"]]  # noqa: E731
+    exs = tokenize.build_examples(rows, tok, 64, True)
+    order = lambda s, e: [int(r) for b in batching.batches(exs, 2, 0, True, s, e) for r in b["row"]]  # noqa: E731
     assert order(0, 0) == order(0, 0)
     assert sorted(order(0, 1)) == list(range(5))
     assert order(0, 0) != order(0, 1) or order(0, 0) != order(1, 0)

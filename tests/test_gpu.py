@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("quant,optim", [("nf4", "adamw"), ("int8", "adamw"), ("nf4", "paged_adamw_8bit"),
                                          ("none", "adamw")])
 def test_cuda_run_trains_and_reads_allocator_memory(compose, tmp_path, quant, optim):
-    from qlora_lab.run import run
+    from qlora_lab.runner.run import run
 
     cfg = compose([f"quantization={quant}", f"optim={optim}", "optim.lr=3e-3", "optim.max_steps=40",
                    "logger=none", "device=cuda"])
@@ -35,17 +35,14 @@ def test_cuda_run_trains_and_reads_allocator_memory(compose, tmp_path, quant, op
 
 
 @pytest.mark.parametrize("mode", ["reentrant", "non_reentrant", "offload"])
-def test_cuda_checkpointing_matches_none(tiny, mode):
-    from qlora_lab import adapt, load, prepare, quantize
-    from qlora_lab.train import count_label_tokens, forward_loss
+def test_cuda_checkpointing_matches_none(tiny, spec_of, mode):
+    from qlora_lab.model import build_model
+    from qlora_lab.train.step import count_label_tokens, forward_loss
 
     def grads(ck: str):
-        cfg, _, _, batch = tiny([f"checkpointing={ck}", "lora.dropout=0"])
-        path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0)
+        _, _, _, batch = tiny([f"checkpointing={ck}", "lora.dropout=0"])
         torch.manual_seed(0)
-        model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cuda")
-        model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cuda"),
-                                 cfg.lora, cfg.quantization)
+        model = build_model(spec_of([f"checkpointing={ck}", "lora.dropout=0"], device="cuda")).model
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.data.normal_(0, 0.05, generator=torch.Generator("cuda").manual_seed(1))
@@ -62,7 +59,7 @@ def test_cuda_checkpointing_matches_none(tiny, mode):
 
 def test_cuda_sweep_job_peak_is_its_own(cache_dir, tmp_path):
     """Job 0 trains a large batch, job 1 a small one, in one sweep: job 1's CUDA peak must not carry job 0's."""
-    from test_cli import train_py
+    from helpers import train_py
 
     res = train_py(["-m", "data.micro_batch_size=256,2", "checkpointing=none", "optim.max_steps=2", "logger=none",
                     "device=cuda"], cache_dir, tmp_path)
@@ -73,7 +70,7 @@ def test_cuda_sweep_job_peak_is_its_own(cache_dir, tmp_path):
 
 
 def test_kernels_auto_picks_liger_on_cuda_and_trains(compose, tmp_path):
-    from qlora_lab.run import run
+    from qlora_lab.runner.run import run
 
     summary = run(compose(["model.kernels=auto", "lora.adapter_dtype=bfloat16", "optim.lr=3e-3",
                            "optim.max_steps=40", "logger=none", "device=cuda"]))
@@ -91,10 +88,9 @@ def test_cuda_kill_and_resume_within_tolerance(cache_dir, tmp_path):
     import os
     import signal
 
-    from test_cli import train_py
-    from test_resume import records, start, wait_for_step
+    from helpers import records, start, train_py, wait_for_step
 
-    args = ["optim.max_steps=60", "save.every_steps=10", "logger=none", "device=cuda", "logger.eval_every=0",
+    args = ["optim.max_steps=60", "save.every_steps=10", "logger=none", "device=cuda", "eval.every_steps=0",
             "optim.lr=1e-3"]
     full = [train_py(args, cache_dir, tmp_path / name) for name in ("a", "b")]
     assert all(r.returncode == 0 for r in full), full[0].stderr[-2000:]
@@ -116,13 +112,13 @@ def test_cuda_kill_and_resume_within_tolerance(cache_dir, tmp_path):
 @pytest.mark.parametrize("variant", [["lora.kernel=fused"], ["lora.kernel=fused", "model.compile=layers"]],
                          ids=["fused", "fused_compiled"])
 def test_cuda_fused_lora_trains_like_peft(compose, tmp_path, variant):
-    from qlora_lab.run import run
+    from qlora_lab.runner.run import run
 
     losses = {}
     for name, extra in (("peft", ["lora.kernel=peft"]), ("variant", variant)):
         out = tmp_path / name
         run(compose([*extra, "lora.adapter_dtype=bfloat16", "optim.lr=3e-3", "optim.max_steps=40",
-                     "logger=none", "device=cuda", "logger.eval_every=0"], out=out))
+                     "logger=none", "device=cuda", "eval.every_steps=0"], out=out))
         losses[name] = [json.loads(x)["train/loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
                         if "train/loss" in x]
     assert losses["variant"][0] == pytest.approx(losses["peft"][0], abs=1e-2)
@@ -134,7 +130,8 @@ def test_cuda_fused_lora_trains_like_peft(compose, tmp_path, variant):
 def test_cuda_distributed_one_process_trains_like_none(cache_dir, tmp_path, strategy, kernel):
     """torchrun with NCCL on one GPU: the wrapped paths (FSDP2 over a bf16-packed 4-bit base, DDP) train like
     distributed=none on the same rows. (Only single-GPU machines were lent; 2 processes are tested on the CPU.)"""
-    from test_distributed import launch, max_rel, records
+    from helpers import launch, max_rel
+    from helpers import step_records as records
 
     common = ["device=cuda", "quantization.quant_storage=bfloat16", "lora.adapter_dtype=bfloat16",
               f"lora.kernel={kernel}", "data.micro_batch_size=8"]

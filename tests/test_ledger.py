@@ -8,8 +8,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from qlora_lab import adapt, load, plan, prepare, quantize
-from qlora_lab.ledger import predict
+from helpers import train_py
+from qlora_lab.memory import plan
+from qlora_lab.memory.ledger import predict
+from qlora_lab.model import adapt, load, prepare, quantize, source
+from qlora_lab.runner.resolve import resolve_spec
+from qlora_lab.runner.run import run
 
 MODEL_PRESETS = ["tiny", "phi4_mini", "llama3_8b", "qwen2_5_0_5b", "phi4_mini_shape", "llama3_8b_shape"]
 
@@ -20,7 +24,7 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 def _loaded(compose, overrides):
     cfg = OmegaConf.to_object(compose(overrides + ["device=cpu"]))
-    path = load.resolve_model_path(cfg.model, cfg.cache_dir, 0)
+    path = source.resolve_model_path(cfg.model, cfg.cache_dir, 0)
     model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cpu")
     return cfg, model
 
@@ -38,8 +42,7 @@ def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
     weights = sum(i.bytes for i in ledger.items if i.name.startswith(("base", "quant", "embed")))
     assert weights == pytest.approx(measured, rel=1e-3)
 
-    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
-                             cfg.quantization)
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora)
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert {i.name: i.bytes for i in ledger.items}["LoRA parameters"] == lora
 
@@ -49,8 +52,7 @@ def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
 def test_saved_activations_per_token_match_autograd(compose, overrides):
     """Count the bytes autograd really saves in one decoder layer, against the ledger's per-token formula."""
     cfg, model = _loaded(compose, ["checkpointing=none"] + overrides)
-    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
-                             cfg.quantization)
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora)
     layer = model.base_model.model.model.layers[1]
     captured = {}
     hook = layer.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)
@@ -74,8 +76,6 @@ def test_saved_activations_per_token_match_autograd(compose, overrides):
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)
 def test_plan_every_preset_offline_and_the_table_adds_up(compose, preset, monkeypatch, capsys):
-    from qlora_lab.run import run
-
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     summary = run(compose([f"model={preset}", "mode=plan", "plan.gpu_memory_gib=80", "device=cpu"]))
     out = capsys.readouterr().out
@@ -96,9 +96,9 @@ def test_plan_phi4_matches_the_measured_h100_peak(compose):
 def test_auto_micro_batch_picks_the_largest_that_fits(compose):
     cfg = OmegaConf.to_object(compose(["model=llama3_8b_shape", "data.micro_batch_size=auto",
                                        "plan.gpu_memory_gib=24", "device=cpu"]))
-    ledger, budget = plan.resolve(cfg, "cpu")
+    spec, ledger, budget = resolve_spec(cfg, "cpu")
     mb = ledger.micro_batch
-    assert cfg.data.micro_batch_size == mb >= 1
+    assert spec.cfg.data.micro_batch_size == mb >= 1 and spec.resolved["data.micro_batch_size"] == ["auto", mb]
     assert plan.fits(predict(cfg, mb), budget, cfg.plan.safety_margin)
     assert not plan.fits(predict(cfg, mb + 1), budget, cfg.plan.safety_margin)
 
@@ -119,8 +119,6 @@ def test_forced_oom_backs_off_and_is_reported():
 
 
 def test_planned_multirun_skips_the_unfit_job(cache_dir, tmp_path):
-    from test_cli import train_py
-
     res = train_py(["-m", "data.micro_batch_size=8,200000", "plan.skip_unfit=true", "plan.gpu_memory_gib=2",
                     "optim.max_steps=2", "logger=none", "device=cpu"], cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -133,8 +131,6 @@ def test_planned_multirun_skips_the_unfit_job(cache_dir, tmp_path):
 
 
 def test_plan_multirun_prints_one_verdict_per_job(cache_dir, tmp_path):
-    from test_cli import train_py
-
     res = train_py(["-m", "mode=plan", "model=llama3_8b_shape", "data.micro_batch_size=1,16", "plan.gpu_memory_gib=24"],
                    cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_lab.train import count_label_tokens, forward_loss
+from qlora_lab.model.fused_lora import LoraLinear4bit
+from qlora_lab.model.layers import decoder_layers
+from qlora_lab.train.step import count_label_tokens, forward_loss
 
 
 def lora_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
@@ -119,8 +121,6 @@ def test_fused_lora_matches_peft(tiny, dropout):
     the fused path adds inside the GEMM's fp32 accumulator, so the reference for accuracy is PEFT with fp32
     adapters (what the default config trains with).
     """
-    from qlora_lab.fused_lora import LoraLinear4bit
-
     def run(kernel: str, dtype: str = "bfloat16"):
         _, model, _, batch = tiny([f"lora.kernel={kernel}", f"lora.adapter_dtype={dtype}", f"lora.dropout={dropout}",
                                    "checkpointing=none"])
@@ -160,16 +160,16 @@ def test_compiled_layers_capture_whole_and_match_eager(tiny):
     is captured as one graph with no break (fullgraph=True fails on any), and the captured program computes the
     eager loss and LoRA gradients exactly. The CPU uses the aot_eager backend (graph capture + autograd, no
     codegen); inductor's generated kernels are checked on CUDA (tests/test_gpu.py)."""
-    from qlora_lab import adapt
-    from qlora_lab.distributed import decoder_layers
-
-    overrides = ["lora.kernel=fused", "lora.adapter_dtype=bfloat16", "lora.dropout=0", "model.compile=layers"]
-    cfg, model, _, batch = tiny(overrides)
+    overrides = ["lora.kernel=fused", "lora.adapter_dtype=bfloat16", "lora.dropout=0"]
+    _, model, _, batch = tiny(overrides + ["model.compile=none"])
     randomize_lora_b(model)
     ref_loss, ref = lora_grads(model, batch)
     torch._dynamo.reset()
-    adapt.compile_layers(model, cfg.model, backend="aot_eager", fullgraph=True)
-    assert len(decoder_layers(model)) == 4
+    _, model, _, _ = tiny(overrides + ["model.compile=layers"], compile_backend="aot_eager", fullgraph=True)
+    assert len(decoder_layers(model)) == 4 and all(hasattr(layer, "_compiled_call_impl")
+                                                   and layer._compiled_call_impl is not None
+                                                   for layer in decoder_layers(model))
+    randomize_lora_b(model)
     loss, got = lora_grads(model, batch)
     assert loss == ref_loss
     assert all(torch.equal(got[n], ref[n]) for n in ref)

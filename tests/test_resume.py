@@ -6,44 +6,18 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT
-from test_cli import train_py
+from helpers import records, start, train_py, wait_for_step
+from qlora_lab.train import checkpoint
 from wandb_reader import read_runs
 
 STEPS, EVERY = 30, 4
-ARGS = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=2", "logger.eval_every=10"]
+ARGS = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=2", "eval.every_steps=10"]
 EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/tokens", "train/epoch", "eval/loss")
-
-
-def records(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def start(args, cache_dir, out_dir) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
-           f"hydra.run.dir={out_dir}/run"]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_step(proc: subprocess.Popen, metrics, step: int, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
-        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step
-                                     for line in metrics.read_text().splitlines() if line.endswith("}")):
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +82,6 @@ def test_resumed_run_continues_the_same_wandb_run(killed_and_resumed):
 
 
 def test_only_the_last_checkpoints_are_kept_and_all_are_whole(killed_and_resumed):
-    from qlora_lab import checkpoint
-
     run_dir, _, _ = killed_and_resumed
     kept = checkpoint.all_checkpoints(run_dir)
     assert [checkpoint.step_of(p) for p in kept] == [STEPS - STEPS % EVERY - EVERY, STEPS - STEPS % EVERY]
@@ -128,11 +100,29 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes_exactly(full, tmp_path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["summary/status"] == "interrupted"
     stopped_at = records(run_dir)[-1]["step"]
-    from qlora_lab import checkpoint
-
     assert checkpoint.step_of(checkpoint.valid_checkpoints(run_dir)[-1]) == stopped_at  # not a step lost
     res = train_py(ARGS + ["resume=auto"], cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     want, got = records(full), records(run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert all(g.get(k) == w.get(k) for w, g in zip(want, got) for k in EXACT)
+
+
+def test_auto_micro_batch_is_recorded_as_the_integer_that_ran_and_resumes_with_it(compose, tmp_path):
+    """data.micro_batch_size=auto is resolved before anything is recorded: run_info.json, the checkpoint and W&B hold
+    the integer, so a resume that names that integer (or says auto again) continues the run."""
+    from qlora_lab.runner.run import run
+
+    out = tmp_path / "run"
+    args = ["plan.gpu_memory_gib=1", "plan.max_micro_batch=8", "optim.max_steps=4", "save.every_steps=2",
+            "logger=none", "eval.every_steps=0"]
+    summary = run(compose(args + ["data.micro_batch_size=auto"], out=out))
+    info = json.loads((out / "run_info.json").read_text())
+    mb = info["config"]["data"]["micro_batch_size"]
+    assert mb == summary["summary/micro_batch"] == 8  # the tiny model fits plan.max_micro_batch on 1 GiB
+    assert info["resolved"]["data.micro_batch_size"] == ["auto", 8]
+    ckpt = checkpoint.valid_checkpoints(out)[-1]
+    assert json.loads((ckpt / "config.json").read_text())["config"]["data"]["micro_batch_size"] == 8
+    for again in (f"data.micro_batch_size={mb}", "data.micro_batch_size=auto"):
+        resumed = run(compose(args + [again, f"resume={ckpt}", "optim.max_steps=5"], out=out))
+        assert resumed["summary/resumed_from_step"] == 2 and resumed["summary/micro_batch"] == 8

@@ -12,9 +12,13 @@ from omegaconf import OmegaConf
 from wandb_reader import read_run
 
 STEPS = 80
-# train/loss of the first steps of the default run (seed 0, tiny model, nf4) on CPU: a change in numerics
-# (quantization, masking, loss scaling, init, data order) moves these.
-PINNED_LOSSES = [6.6406, 6.4533, 6.6274, 6.3060, 6.1186]
+# train/loss of the first steps of the default run (seed 0, tiny model, nf4) on CPU, in the locked environment: a
+# change in numerics (quantization, masking, loss scaling, init, data order) moves these.
+PINNED_LOSSES = [6.640837669372559, 6.451672554016113, 6.626463890075684, 6.307589054107666, 6.116551399230957]
+# Measured noise: bit-identical across runs and across 1, 2 and 4 threads in the locked environment; the same code
+# on the releases the previous pin came from differed by up to 2.0e-3 (same math, other CPU kernels). A numerics
+# regression (a masking or loss-scaling bug) moves the first steps by far more than that.
+PINNED_TOLERANCE = 2.5e-3
 PER_STEP_KEYS = {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/step_time_s",
                  "memory/peak_allocated_gib", "memory/peak_reserved_gib"}
 PHASES = ("load", "prepare", "wrap", "first_forward", "first_backward", "first_optimizer_step")
@@ -24,11 +28,11 @@ PHASES = ("load", "prepare", "wrap", "first_forward", "first_backward", "first_o
 def default_run(tmp_path_factory, cache_dir):
     from hydra import compose, initialize_config_dir
 
-    from conftest import CONF
-    from qlora_lab.run import run
+    from helpers import CONF
+    from qlora_lab.runner.run import run
 
     out = tmp_path_factory.mktemp("run")
-    overrides = [f"optim.max_steps={STEPS}", "logger.eval_every=40"]
+    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + [
             f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=e2e", "sweep_id=null",
@@ -42,7 +46,7 @@ def test_loss_falls_and_matches_the_pinned_curve(default_run):
     _, _, summary, records = default_run
     losses = [r["train/loss"] for r in records]
     assert len(losses) == STEPS
-    assert losses[:5] == pytest.approx(PINNED_LOSSES, abs=2e-3)
+    assert losses[:5] == pytest.approx(PINNED_LOSSES, abs=PINNED_TOLERANCE)
     assert summary["summary/final_loss"] < summary["summary/first_loss"] - 2.0
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10 - 2.0
     assert summary["summary/eval_loss"] < 4.5
@@ -65,7 +69,7 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     cfg, out, summary, records = default_run
     w = read_run(out)
     assert w["run"].display_name == "e2e"
-    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "logger.eval_every=40"}
+    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40"}
     assert w["config"]["lora.r"] == 16 and w["config"]["quantization.name"] == "nf4"
     history = [h for h in w["history"] if "train/loss" in h]
     assert [h["train/loss"] for h in history] == pytest.approx([r["train/loss"] for r in records])
@@ -78,7 +82,7 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
 def test_run_info_recreates_the_run(default_run):
     _, out, _, _ = default_run
     info = json.loads((out / "run_info.json").read_text())
-    assert info["overrides"] == [f"optim.max_steps={STEPS}", "logger.eval_every=40"]
+    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
     assert info["config"]["lora"]["r"] == 16
     assert info["packages"]["torch"] and info["packages"]["bitsandbytes"]
     assert len(info["dataset_fingerprint"]) == 16 and info["device"]["device"] == "cpu"
@@ -88,25 +92,26 @@ def test_run_info_recreates_the_run(default_run):
 def test_saved_adapter_reloads_with_peft_and_reproduces_eval_loss(default_run):
     from peft import PeftModel
 
-    from qlora_lab import data, load, quantize
-    from qlora_lab.train import evaluate
+    from qlora_lab.data import rows, tokenize
+    from qlora_lab.model import load, quantize, source
+    from qlora_lab.train.evaluate import evaluate_loss
 
     cfg, out, summary, _ = default_run
     tcfg = OmegaConf.to_object(cfg)
     adapter = out / "adapter"
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
-    path = load.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed)
-    tok = load.load_tokenizer(str(adapter), tcfg.model)
+    path = source.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed)
+    tok = source.load_tokenizer(str(adapter), tcfg.model)
     base = load.load_model(path, tcfg.model, quantize.build_bnb_config(tcfg.quantization), "cpu")
     for m in base.modules():  # as prepare does: keep bitsandbytes' CPU eval kernel out of the comparison
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     model = PeftModel.from_pretrained(base, adapter)
-    rows = data.read_rows(tcfg.data)
-    examples = data.build_examples(rows, tok, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
-    _, eval_set = data.split_eval(examples, tcfg.data, tcfg.seed)
-    loss = evaluate(model, eval_set, tcfg, tok.pad_token_id, "cpu")
+    examples = tokenize.build_examples(rows.read_rows(tcfg.data), tok, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
+    _, eval_set = rows.split_eval(examples, tcfg.data, tcfg.seed)
+    mb = tcfg.data.micro_batch_size
+    loss = evaluate_loss(model, eval_set, mb, tok.pad_token_id, "cpu")
     assert loss == pytest.approx(summary["summary/eval_loss"], abs=1e-4)
     with torch.no_grad():  # and the adapter matters: without it the loss is far higher
         with model.disable_adapter():
-            assert evaluate(model, eval_set, tcfg, tok.pad_token_id, "cpu") > loss + 1.0
+            assert evaluate_loss(model, eval_set, mb, tok.pad_token_id, "cpu") > loss + 1.0

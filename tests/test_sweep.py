@@ -12,20 +12,34 @@ import time
 import pytest
 import yaml
 
-from conftest import CONF, ROOT
-from test_cli import train_py
+from helpers import CONF, ROOT, child_env, train_py
+from qlora_lab.core.paths import TINY_DATA
+from qlora_lab.runner.compare import compare, pareto_front
+from qlora_lab.runner.preflight import validate
+from qlora_lab.runner.sweep import _take_gpu
 from wandb_reader import read_run
 
-SWEEP = ["-m", "data.micro_batch_size=192,4", "optim.lr=3e-3,1e8", "checkpointing=none", "optim.max_steps=3",
-         "optim.warmup_steps=0", "logger.eval_every=0"]
+COMMON = ["checkpointing=none", "optim.max_steps=3", "optim.warmup_steps=0", "eval.every_steps=0"]
+
+
+def sweep_args(data_dir) -> list[str]:
+    """2 micro-batch sizes x 2 datasets: the shipped rows, and the same rows each marked POISON, whose batches the
+    fault injection (tests/faults) turns into NaN losses. Jobs 1 and 3 train on the poisoned file and fail."""
+    return ["-m", "data.micro_batch_size=192,4", f"data.path={data_dir}/clean.jsonl,{data_dir}/poisoned.jsonl",
+            *COMMON]
 
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, cache_dir):
     out = tmp_path_factory.mktemp("sweep")
-    res = train_py(SWEEP, cache_dir, out, timeout=600)
+    data_dir = tmp_path_factory.mktemp("data")
+    rows = [json.loads(line) for line in TINY_DATA.read_text().splitlines()]
+    (data_dir / "clean.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data_dir / "poisoned.jsonl").write_text("".join(json.dumps({**r, "prompt": r["prompt"] + " POISON"}) + "\n"
+                                                     for r in rows))
+    res = train_py(sweep_args(data_dir), cache_dir, out, timeout=600, faults=True)
     jobs = {p.name: p for p in (out / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")}
-    return out, res, jobs
+    return out, res, jobs, data_dir
 
 
 def _summary(job_dir):
@@ -33,7 +47,7 @@ def _summary(job_dir):
 
 
 def test_failed_jobs_are_recorded_and_the_sweep_goes_on(sweep):
-    out, res, jobs = sweep
+    out, res, jobs, _ = sweep
     assert res.returncode == 1, res.stderr[-2000:]  # some job failed: the sweep says so
     status = {name.split("_", 1)[0]: _summary(d)["summary/status"] for name, d in jobs.items()}
     assert status == {"0": "finished", "1": "failed_nan", "2": "finished", "3": "failed_nan"}
@@ -46,7 +60,7 @@ def test_failed_jobs_are_recorded_and_the_sweep_goes_on(sweep):
 def test_peak_memory_of_a_job_does_not_include_the_previous_job(sweep):
     """Job 0 (192 sequences, no checkpointing) peaks high; job 2 (4 sequences) runs after it in the same sweep.
     Its peak resident set (ru_maxrss, which never goes down within a process) must be its own."""
-    _, _, jobs = sweep
+    _, _, jobs, _ = sweep
     last = lambda d: json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])  # noqa: E731
     big = last(next(d for n, d in jobs.items() if n.startswith("0_")))["memory/peak_reserved_gib"]
     small = last(next(d for n, d in jobs.items() if n.startswith("2_")))["memory/peak_reserved_gib"]
@@ -54,11 +68,12 @@ def test_peak_memory_of_a_job_does_not_include_the_previous_job(sweep):
 
 
 def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
-    out, _, jobs = sweep
+    out, _, jobs, data_dir = sweep
     runs = {n.split("_", 1)[0]: read_run(d) for n, d in jobs.items()}
     assert {r["run"].run_group for r in runs.values()} == {"sweep"}
-    assert set(runs["0"]["run"].tags) == {"data.micro_batch_size=192", "optim.lr=0.003", "checkpointing=none",
-                                          "optim.max_steps=3", "optim.warmup_steps=0", "logger.eval_every=0"}
+    assert set(runs["0"]["run"].tags) == {"data.micro_batch_size=192", f"data.path={data_dir}/clean.jsonl"[:64],
+                                          "checkpointing=none", "optim.max_steps=3", "optim.warmup_steps=0",
+                                          "eval.every_steps=0"}
     assert runs["0"]["config"]["data.micro_batch_size"] == 192 and runs["0"]["config"]["lora.r"] == 16
     for key in ("summary/peak_memory_gib", "summary/tokens_per_s", "summary/final_loss", "summary/eval_loss"):
         assert key in runs["0"]["summary"]
@@ -67,11 +82,9 @@ def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
 
 
 def test_compare_writes_the_table_and_plots(sweep):
-    from qlora_lab.compare import compare
-
-    out, _, _ = sweep
+    out, _, _, _ = sweep
     res = compare(out / "sweep")
-    assert res["header"][:3] == ["job", "data.micro_batch_size", "optim.lr"]
+    assert res["header"][:3] == ["job", "data.micro_batch_size", "data.path"]
     assert [r[3] for r in res["rows"]] == ["finished", "failed_nan", "finished", "failed_nan"]
     assert "| finished |" in res["markdown"].read_text()
     assert len(res["csv"].read_text().splitlines()) == 5
@@ -80,24 +93,20 @@ def test_compare_writes_the_table_and_plots(sweep):
 
 
 def test_resume_skips_finished_jobs(sweep, cache_dir):
-    out, _, jobs = sweep
+    out, _, jobs, data_dir = sweep
     before = {n: (d / "metrics.jsonl").stat().st_mtime for n, d in jobs.items() if n[0] in "02"}
-    res = train_py(SWEEP + ["sweep.resume=true"], cache_dir, out, timeout=600)
+    res = train_py(sweep_args(data_dir) + ["sweep.resume=true"], cache_dir, out, timeout=600, faults=True)
     assert res.stdout.count("skipped (sweep.resume=true)") == 2
     assert {n: (jobs[n] / "metrics.jsonl").stat().st_mtime for n in before} == before
     assert res.returncode == 1  # the failed jobs ran again, and failed again
 
 
 def test_pareto_front_on_a_hand_made_example():
-    from qlora_lab.compare import pareto_front
-
     pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 3.5), (4.0, 1.0), (2.5, 2.9), (5.0, 1.0)]
     assert pareto_front(pts) == [0, 1, 4, 3]  # (3, 3.5) is beaten by (2, 3); (5, 1) by (4, 1)
 
 
 def test_gpu_slots_give_each_job_its_own_gpu(tmp_path, monkeypatch):
-    from qlora_lab.sweep import _take_gpu
-
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     first = _take_gpu(tmp_path, [0, 1])
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0"
@@ -125,8 +134,6 @@ def test_wandb_sweep_yaml_builds_a_valid_train_command(compose):
     """As far as the agent goes offline: the command it would run composes and validates."""
     from omegaconf import OmegaConf
 
-    from qlora_lab.validate import validate
-
     spec = yaml.safe_load((ROOT / "experiments" / "wandb_sweep.yaml").read_text())
     assert spec["program"] == "train.py" and "${args_no_hyphens}" in spec["command"]
     params = {k: (v["values"][0] if "values" in v else v["min"]) for k, v in spec["parameters"].items()}
@@ -137,7 +144,7 @@ def test_wandb_sweep_yaml_builds_a_valid_train_command(compose):
 
 
 def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = child_env()
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "lora.r=4,8,16", "optim.max_steps=400", "logger=none",
            f"cache_dir={cache_dir}", "logger.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -1,0 +1,165 @@
+"""Checks on the composed config that types alone cannot express: ranges and combinations of values.
+
+Pure functions of the config and two facts about the launch (the device the run will use and how many processes
+the launcher started): no files, no network, no device probes; those are `runner.preflight`'s. Choices that are
+not one of an Enum's members never get here: they fail at composition. Every problem is collected, each naming
+its fix, so a user fixes their command once instead of once per crash.
+"""
+
+from __future__ import annotations
+
+from qlora_lab.core.schema import TrainConfig
+
+
+def _model(cfg: TrainConfig, device: str) -> list[str]:
+    m, p = cfg.model, []
+    if m.kernels == "liger" and device != "cuda":
+        p.append("model.kernels=liger runs Triton kernels that need a CUDA device; use model.kernels=none on the CPU")
+    if m.max_seq_len <= 0:
+        p.append(f"model.max_seq_len={m.max_seq_len} must be > 0")
+    if m.build and "model_type" not in m.build:
+        p.append("model.build needs a model_type (e.g. llama) to build a random-init model")
+    max_pos = m.build.get("max_position_embeddings") if m.build else None
+    if max_pos is not None and m.max_seq_len > max_pos:
+        p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
+                 f"set model.max_seq_len<={max_pos}")
+    return p
+
+
+def _quantization(cfg: TrainConfig) -> list[str]:
+    q = cfg.quantization
+    return [] if q.bits in (4, 8, 16) else [f"quantization.bits={q.bits} must be 4, 8 or 16 (16 = no quantization)"]
+
+
+def _lora(cfg: TrainConfig) -> list[str]:
+    lo, q, p = cfg.lora, cfg.quantization, []
+    if lo.r <= 0:
+        p.append(f"lora.r={lo.r} must be a positive integer (e.g. lora.r=16)")
+    if lo.alpha <= 0:
+        p.append(f"lora.alpha={lo.alpha} must be > 0 (the update is scaled by alpha/r; try lora.alpha=2*r)")
+    if not 0 <= lo.dropout < 1:
+        p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
+    if not lo.target_modules:
+        p.append("lora.target_modules is empty; use [all-linear] or name modules, e.g. [q_proj,v_proj]")
+    if lo.init in ("pissa", "loftq") and q.bits != 16:
+        p.append(f"lora.init={lo.init} initializes from the full-precision weights; use quantization=none "
+                 "(and quantize the residual model afterwards), or lora.init=default with a quantized base")
+    if lo.kernel == "fused":
+        if q.bits != 4:
+            p.append(f"lora.kernel=fused fuses LoRA into 4-bit layers; use lora.kernel=peft with quantization={q.name}")
+        if lo.use_dora:
+            p.append("lora.kernel=fused is plain LoRA; use lora.kernel=peft with DoRA")
+    return p
+
+
+def _data(cfg: TrainConfig, device: str) -> list[str]:
+    d, p = cfg.data, []
+    if not d.path:
+        p.append(f"data.path is not set; give data.path=/path/to/train.jsonl (data={d.name})")
+    if d.num_rows < 0:
+        p.append(f"data.num_rows={d.num_rows} must be >= 0 (0 = every row)")
+    if not 0 <= d.eval_fraction < 1:
+        p.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
+    if d.max_eval_rows < 0:
+        p.append(f"data.max_eval_rows={d.max_eval_rows} must be >= 0 (0 = no held-out rows)")
+    mb = d.micro_batch_size
+    if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0):
+        p.append(f"data.micro_batch_size={mb!r} must be a positive integer or auto")
+    elif mb == "auto" and device != "cuda" and cfg.plan.gpu_memory_gib is None and cfg.mode == "train":
+        p.append("data.micro_batch_size=auto sizes the batch for a GPU; on the CPU give an integer, "
+                 "or plan.gpu_memory_gib=N to plan for a card")
+    return p
+
+
+def _optim(cfg: TrainConfig, device: str) -> list[str]:
+    o, p = cfg.optim, []
+    if o.name == "paged_adamw_8bit" and device != "cuda":
+        p.append("optim=paged_adamw_8bit pages optimizer state through CUDA unified memory; "
+                 "use optim=adamw on the CPU")
+    if o.lr <= 0:
+        p.append(f"optim.lr={o.lr} must be > 0")
+    if o.weight_decay < 0:
+        p.append(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.eps <= 0:
+        p.append(f"optim.eps={o.eps} must be > 0 (AdamW divides by sqrt(v) + eps; e.g. optim.eps=1e-8)")
+    if o.warmup_steps < 0:
+        p.append(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if o.grad_accum_steps < 1:
+        p.append(f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1")
+    if o.max_grad_norm < 0:
+        p.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if o.max_steps < 0 or (o.max_steps == 0 and o.epochs < 1):
+        p.append("set optim.max_steps > 0, or optim.max_steps=0 with optim.epochs >= 1")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        p.append(f"optim.betas={list(o.betas)} must be two numbers in [0, 1)")
+    return p
+
+
+def _eval(cfg: TrainConfig) -> list[str]:
+    ev, p = cfg.eval, []
+    if ev.every_steps < 0:
+        p.append(f"eval.every_steps={ev.every_steps} must be >= 0 (0 = only at the end)")
+    for key in ("max_rows", "samples"):
+        if getattr(ev, key) < 0:
+            p.append(f"eval.{key}={getattr(ev, key)} must be >= 0")
+    for key in ("batch_size", "max_new_tokens"):
+        if getattr(ev, key) < 1:
+            p.append(f"eval.{key}={getattr(ev, key)} must be >= 1")
+    return p
+
+
+def _run(cfg: TrainConfig) -> list[str]:
+    p = []
+    if cfg.checkpointing.offload_to_cpu and not cfg.checkpointing.enabled:
+        p.append("checkpointing.offload_to_cpu=true needs checkpointing.enabled=true (or checkpointing=offload)")
+    if cfg.logger.log_every < 1:
+        p.append(f"logger.log_every={cfg.logger.log_every} must be >= 1")
+    if cfg.save.every_steps < 0:
+        p.append(f"save.every_steps={cfg.save.every_steps} must be >= 0 (0 = no periodic checkpoints)")
+    if cfg.save.keep_last < 1:
+        p.append(f"save.keep_last={cfg.save.keep_last} must be >= 1 (the checkpoint a resume needs)")
+    if cfg.guard.max_skips < 0:
+        p.append(f"guard.max_skips={cfg.guard.max_skips} must be >= 0")
+    if cfg.seed < 0:
+        p.append(f"seed={cfg.seed} must be >= 0 (numpy seeds only take non-negative integers)")
+    if not 0 <= cfg.plan.safety_margin < 1:
+        p.append(f"plan.safety_margin={cfg.plan.safety_margin} must be in [0, 1)")
+    if cfg.plan.gpu_memory_gib is not None and cfg.plan.gpu_memory_gib <= 0:
+        p.append(f"plan.gpu_memory_gib={cfg.plan.gpu_memory_gib} must be > 0")
+    if cfg.plan.max_micro_batch < 1:
+        p.append(f"plan.max_micro_batch={cfg.plan.max_micro_batch} must be >= 1")
+    if cfg.plan.processes is not None and cfg.plan.processes < 1:
+        p.append(f"plan.processes={cfg.plan.processes} must be >= 1 (or null: the launcher's WORLD_SIZE)")
+    return p
+
+
+def _distributed(cfg: TrainConfig, device: str, world: int) -> list[str]:
+    """The `distributed` group against the launch (`world` processes), the device and the other groups."""
+    dc, q, p = cfg.distributed, cfg.quantization, []
+    if dc.name == "none":
+        if world > 1 and cfg.mode == "train":
+            p.append(f"the launcher started {world} processes (WORLD_SIZE={world}) but distributed=none would train "
+                     "the same run in each; add distributed=ddp (model fits one GPU) or distributed=fsdp (shard it)")
+        return p
+    if dc.backend == "nccl" and device != "cuda":
+        p.append("distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo (or auto) on the CPU")
+    if cfg.data.micro_batch_size == "auto":
+        p.append(f"data.micro_batch_size=auto probes one process's memory; with distributed={dc.name} give an "
+                 "integer (mode=plan shows what fits)")
+    if dc.name == "fsdp":
+        if q.bits == 4 and q.quant_storage != dc.param_dtype:
+            p.append(f"distributed=fsdp gathers weights as {dc.param_dtype}, but the 4-bit weights are packed as "
+                     f"{q.quant_storage}; set quantization.quant_storage={dc.param_dtype} so they travel as stored")
+        if q.bits == 8:
+            p.append("distributed=fsdp cannot shard LLM.int8 weights (their scales live outside the tensor); use "
+                     "quantization=nf4 with quantization.quant_storage=bfloat16, or distributed=ddp")
+        if cfg.optim.name == "paged_adamw_8bit":
+            p.append("distributed=fsdp shards the optimizer state already and bitsandbytes' paged optimizer does not "
+                     "take sharded parameters; use optim=adamw")
+    return p
+
+
+def config_problems(cfg: TrainConfig, device: str, world: int = 1) -> list[str]:
+    """Every problem of `cfg` for a run on `device` with `world` processes; empty when the values can run."""
+    return [*_model(cfg, device), *_quantization(cfg), *_lora(cfg), *_data(cfg, device), *_optim(cfg, device),
+            *_eval(cfg), *_run(cfg), *_distributed(cfg, device, world)]

@@ -1,0 +1,119 @@
+"""Read the dataset's rows and check them, before any model loads (a bad row at line 9,000 should not cost a
+model load); hold some out for evaluation."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from qlora_lab.core.errors import DataError
+from qlora_lab.core.schema import DataConfig
+
+MAX_REPORTED = 10
+
+
+def _row_problem(row: Any) -> str | None:
+    if not isinstance(row, dict):
+        return f"is a {type(row).__name__}, not a JSON object"
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "has 'messages' that is not a non-empty list"
+        for j, msg in enumerate(msgs):
+            if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
+                    or not isinstance(msg.get("content"), str):
+                return f"message {j} is not an object with string 'role' and 'content'"
+        if not any(msg["role"] == "assistant" and msg["content"] for msg in msgs):
+            return "has no non-empty assistant message to learn from"
+        return None
+    missing = [k for k in ("prompt", "response") if k not in row]
+    if missing:
+        return f"lacks {' and '.join(repr(k) for k in missing)} (expected 'prompt'+'response' or 'messages'; " \
+               f"it has keys {sorted(row)})"
+    for k in ("prompt", "response"):
+        if not isinstance(row[k], str):
+            return f"has {k!r} of type {type(row[k]).__name__}, expected a string"
+    if not row["response"]:
+        return "has an empty 'response'"
+    return None
+
+
+def check_rows(rows: list[Any], where: str) -> None:
+    """Raise DataError naming every bad row (up to MAX_REPORTED) of `rows` read from `where`."""
+    if not rows:
+        raise DataError(f"{where} has no rows; give a dataset with at least one prompt/response row")
+    bad = [(i, why) for i, row in enumerate(rows) if (why := _row_problem(row))]
+    if bad:
+        lines = "\n".join(f"  - row {i + 1} {why}" for i, why in bad[:MAX_REPORTED])
+        more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
+        raise DataError(f"{len(bad)} bad row(s) in {where} (rows counted from 1):\n{lines}{more}")
+
+
+def _read_jsonl(path: Path) -> list[Any]:
+    rows = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid UTF-8 ({e.reason} at byte {e.start}); "
+                                "re-encode the file as UTF-8") from e
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one object") from e
+    return rows
+
+
+def read_rows(d: DataConfig) -> list[dict[str, Any]]:
+    """The configured dataset's rows (the first `data.num_rows` when set), checked."""
+    if d.source == "jsonl":
+        rows = _read_jsonl(Path(d.path))
+        where = d.path
+    else:
+        import datasets
+
+        rows = list(datasets.load_dataset(d.path, d.config_name, split=d.split))
+        where = f"dataset {d.path} (split {d.split})"
+    if d.num_rows:
+        rows = rows[:d.num_rows]
+    check_rows(rows, where)
+    return rows
+
+
+def eval_count(n_rows: int, d: DataConfig) -> int:
+    """How many of `n_rows` rows are held out for evaluation."""
+    return min(int(n_rows * d.eval_fraction), d.max_eval_rows)
+
+
+def check_size(n_rows: int, d: DataConfig, micro_batch: int, processes: int = 1) -> None:
+    """At least one full micro-batch per process must be left for training once the eval rows are held out."""
+    n_eval = eval_count(n_rows, d)
+    n_train = n_rows - n_eval
+    if n_train < micro_batch * processes:
+        per = f" x {processes} processes" if processes > 1 else ""
+        raise DataError(f"the dataset has {n_rows} rows, {n_train} left for training after {n_eval} eval rows: "
+                        f"fewer than one micro-batch (data.micro_batch_size={micro_batch}{per}); set "
+                        f"data.micro_batch_size<={n_train // processes} or add rows")
+
+
+def fingerprint(rows: list[dict[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for row in rows:
+        h.update(json.dumps(row, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def split_eval(items: list, d: DataConfig, seed: int) -> tuple[list, list]:
+    """(train, eval): a seeded random `eval_count` of `items` held out; the training items keep their order."""
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = eval_count(len(items), d)
+    eval_set = [items[i] for i in order[:n_eval]]
+    train_set = [items[i] for i in sorted(order[n_eval:])]
+    return train_set, eval_set

@@ -1,0 +1,71 @@
+"""Scores of a generated answer against the reference, each in [0, 1]; the mean over rows is what is logged.
+
+Text is compared after `normalize` (surrounding whitespace stripped, inner runs of whitespace collapsed): a
+trailing newline or a double space is not a different answer. Token scores split on whitespace.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Callable
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def exact_match(prediction: str, reference: str) -> float:
+    return float(normalize(prediction) == normalize(reference))
+
+
+def _f1(pred: list[str], ref: list[str]) -> float:
+    if not pred and not ref:
+        return 1.0
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD's token overlap F1 over whitespace tokens (order ignored)."""
+    return _f1(normalize(prediction).split(), normalize(reference).split())
+
+
+def char_f1(prediction: str, reference: str) -> float:
+    """Overlap F1 over characters: partial credit for one-word answers (a word with one letter wrong)."""
+    return _f1(list(normalize(prediction).replace(" ", "")), list(normalize(reference).replace(" ", "")))
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        prev = 0
+        for j, y in enumerate(b, start=1):
+            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: the longest common subsequence of whitespace tokens (order matters)."""
+    pred, ref = normalize(prediction).split(), normalize(reference).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    lcs = _lcs(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+METRICS: dict[str, Callable[[str, str], float]] = {
+    "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "char_f1": char_f1}
+"""Generation metrics by name (`eval.metrics`, `data.metrics`); `loss` is the other name those lists take."""
+
+
+def score(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
+    """{name: mean score over the rows} for each generation metric in `names`."""
+    return {n: sum(METRICS[n](p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
+            for n in names if n in METRICS}

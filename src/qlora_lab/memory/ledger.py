@@ -1,0 +1,344 @@
+"""The memory ledger: predict every component of a training step's GPU memory from the config alone.
+
+The model is instantiated on the meta device (shapes, no weights), so planning an 8B model takes a second on
+a CPU. Each component is a formula over that architecture and the run's settings; `Ledger.table()` prints the
+formula inputs beside each figure. All figures are the caching allocator's *allocated* bytes (what
+`torch.cuda.max_memory_allocated` reports); the CUDA context and the allocator's slack are listed apart, since
+they count against the card but not against that statistic.
+
+Notation, per token: h hidden size, q = heads x head_dim, kv = kv_heads x head_dim, I intermediate size,
+nH heads, r LoRA rank; c = 2 bytes (bf16 compute), a = adapter bytes (4 fp32, 2 bf16); T = micro-batch x seq
+tokens; V vocabulary; L layers.
+
+Saved for backward per layer and token (HF Llama/Phi-3 layer, PEFT LoRA on a frozen base whose matmuls save
+no input):
+- each RMSNorm: an fp32 copy of its input and 1/rms: 4h + 4 (liger's RMSNorm: its bf16 input and 1/rms: 2h + 4)
+- attention (SDPA flash, no padding mask, native GQA): q, k, v after RoPE and the output: c(2q + 2kv), and
+  the fp32 log-sum-exp: 4 nH
+- MLP: SiLU's input, its output and the up projection: 3cI (liger's fused SiLU*mul keeps gate and up: 2cI)
+- LoRA: every adapter keeps its input for dA (once per distinct input when it is the bf16 tensor itself;
+  a copy per adapter when cast to fp32 (a·in) or after dropout (mask + output: (1 + a)·in)) and A's output a·r
+With checkpointing only each layer's input (c·h) is kept per layer, and one layer is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qlora_lab.core.dist import launched_world_size
+from qlora_lab.core.schema import TrainConfig
+from qlora_lab.memory.readings import GIB
+from qlora_lab.model.source import model_config
+
+BLOCK = 64  # bitsandbytes 4-bit block size
+CUDA_CONTEXT_GIB = 0.55  # CUDA context + cuBLAS workspace on Hopper: outside the allocator's statistics
+ALLOCATOR_SLACK = 0.08  # reserved/allocated overhead (fragmentation, rounding) observed on training steps
+
+# Which linear layers read the same input tensor: adapters on one group share that input when it is saved as is.
+INPUT_GROUPS = {
+    "attn_in": ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv"),
+    "attn_out": ("o_proj", "dense", "out_proj"),
+    "mlp_in": ("gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3"),
+    "mlp_mid": ("down_proj", "fc2", "w2"),
+}
+
+
+@dataclass
+class Arch:
+    """What the ledger needs to know of a model, read off a meta-device instance."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    q_dim: int
+    kv_dim: int
+    intermediate: int
+    heads: int
+    layers: int
+    head_dim: int
+    tied: bool
+    layer_linears: dict[str, tuple[int, int]]  # suffix -> (in, out) for one decoder layer
+    linear_params: int  # all linear weights but the LM head (the quantized ones)
+    linear_numels: list[int]  # each of those weights' element count (quant constants are per weight)
+    other_params: int  # embeddings, LM head (if untied), norms
+    largest_linear: int  # elements of the largest quantized weight (dequantized in full for each matmul)
+    max_positions: int | None
+    module_names: list[str] = field(default_factory=list)  # every module's full name (what LoRA targets match)
+    linear_suffixes: list[str] = field(default_factory=list)  # distinct last name parts of the nn.Linear modules
+
+
+def read_arch(cfg: TrainConfig) -> Arch:
+    from transformers import AutoModelForCausalLM
+
+    config = model_config(cfg.model)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    skip = set(cfg.quantization.skip_modules)
+    numels = [mod.weight.numel() for name, mod in model.named_modules()
+              if isinstance(mod, torch.nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in skip]
+    linear_params, largest = sum(numels), max(numels)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
+    layer = model.model.layers[0]
+    layer_linears = {n.rsplit(".", 1)[-1]: (mod.in_features, mod.out_features)
+                     for n, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return Arch(
+        model_type=config.model_type, vocab=config.vocab_size, hidden=config.hidden_size, q_dim=heads * head_dim,
+        kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim, intermediate=config.intermediate_size,
+        heads=heads, layers=config.num_hidden_layers, head_dim=head_dim,
+        tied=head is not None and head.weight is model.get_input_embeddings().weight,
+        layer_linears=layer_linears, linear_params=linear_params, linear_numels=numels,
+        other_params=total - linear_params,
+        largest_linear=largest, max_positions=getattr(config, "max_position_embeddings", None),
+        module_names=[n for n, _ in model.named_modules() if n],
+        linear_suffixes=sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                                if isinstance(mod, torch.nn.Linear)}),
+    )
+
+
+@dataclass
+class Item:
+    name: str
+    inputs: str
+    bytes: int
+    kind: str  # static | activation | transient | outside
+
+
+@dataclass
+class Ledger:
+    items: list[Item]
+    peak_bytes: int
+    peak_where: str
+    phases: dict[str, int]  # predicted allocated bytes after each phase, for the measured ledger
+    peak_terms: list[str]  # the items that add up to the peak (the other transients happen at other times)
+    micro_batch: int
+    seq_len: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+    @property
+    def card_gib(self) -> float:
+        """What the card must hold: allocated peak plus allocator slack plus the CUDA context."""
+        return self.peak_gib * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
+
+    def table(self) -> str:
+        w = max(len(i.name) for i in self.items)
+        lines = [f"{'component':<{w}}  {'kind':<10} {'GiB':>8}  formula inputs", "-" * (w + 70)]
+        for i in self.items:
+            lines.append(f"{i.name:<{w}}  {i.kind:<10} {i.bytes / GIB:8.3f}  {i.inputs}")
+        lines.append("-" * (w + 70))
+        lines.append(f"{'predicted peak (allocated)':<{w}}  {'':<10} {self.peak_gib:8.3f}  at {self.peak_where}: "
+                     + " + ".join(self.peak_terms))
+        lines.append(f"{'card needs (+slack, context)':<{w}}  {'':<10} {self.card_gib:8.3f}  "
+                     f"x{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB} GiB context")
+        return "\n".join(lines)
+
+
+def _weight_bytes(arch: Arch, cfg: TrainConfig) -> list[Item]:
+    q, m = cfg.quantization, cfg.model
+    dt = 4 if m.dtype == "float32" or m.upcast == "all" else 2
+    n = arch.linear_params
+    items = []
+    if q.bits == 4:
+        # per weight: one absmax per 64 values (8-bit with double quant, then one fp32 per 256 of those, a 256-entry
+        # fp32 code and an fp32 offset; fp32 without), and the 16-entry fp32 4-bit code
+        blocks = [math.ceil(k / BLOCK) for k in arch.linear_numels]
+        if q.double_quant:
+            consts = sum(b + math.ceil(b / 256) * 4 + 256 * 4 + 4 + 16 * 4 for b in blocks)
+        else:
+            consts = sum(b * 4 + 16 * 4 for b in blocks)
+        items.append(Item("base weights, 4-bit", f"{n:,} params x 0.5 B", sum((k + 1) // 2 for k in arch.linear_numels),
+                          "static"))
+        items.append(Item("quant constants", f"{sum(blocks):,} blocks of {BLOCK}, "
+                          + ("8-bit absmax + fp32 per 256" if q.double_quant else "fp32 absmax")
+                          + f", codes of {len(blocks)} weights", consts, "static"))
+    elif q.bits == 8:
+        rows = sum(o for _, o in arch.layer_linears.values()) * arch.layers
+        items.append(Item("base weights, int8", f"{n:,} params x 1 B + fp32 row scales", n + 4 * rows, "static"))
+    else:
+        items.append(Item(f"base weights, {m.dtype}", f"{n:,} params x {dt} B", n * dt, "static"))
+    items.append(Item("embeddings, head, norms", f"{arch.other_params:,} params x {dt} B"
+                      + (" (head tied)" if arch.tied else ""), arch.other_params * dt, "static"))
+    return items
+
+
+def _lora_modules(arch: Arch, cfg: TrainConfig) -> dict[str, tuple[int, int]]:
+    targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"]:
+        return dict(arch.layer_linears)
+    return {k: v for k, v in arch.layer_linears.items() if k in targets}
+
+
+def _group_of(name: str) -> str:
+    for group, names in INPUT_GROUPS.items():
+        if name in names:
+            return group
+    return name  # unknown layout: its input counted on its own
+
+
+def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda") -> dict[str, float]:
+    """Bytes saved for backward by one decoder layer per token, by part (checkpointing off).
+
+    `device` only changes dropout's mask: CUDA's fused dropout keeps a bool mask, the CPU one a mask in the
+    input's dtype.
+    """
+    c = 2
+    # PEFT runs fp32 adapters on an fp32 copy of the input; the fused kernel casts the (small) weights instead
+    a = 4 if cfg.lora.adapter_dtype == "float32" and cfg.lora.kernel != "fused" else 2
+    liger = cfg.model.kernels == "liger"
+    h, I = arch.hidden, arch.intermediate
+    parts = {
+        "norms": 2 * ((2 * h + 4) if liger else (4 * h + 4)),
+        "attention": c * (2 * arch.q_dim + 2 * arch.kv_dim) + 4 * arch.heads,
+        "mlp": (2 if liger else 3) * c * I,
+    }
+    if cfg.model.attn_implementation == "eager":
+        # eager attention keeps the fp32 softmax output and its bf16 cast: nH x seq per token each
+        parts["attention"] += (4 + c) * arch.heads * cfg.model.max_seq_len
+    lora = 0.0
+    shared: set[str] = set()
+    for name, (din, _) in _lora_modules(arch, cfg).items():
+        lora += a * cfg.lora.r  # A's output, kept for dB
+        if cfg.lora.dropout > 0:
+            lora += ((1 if device == "cuda" else a) + a) * din  # dropout mask + dropped input, per adapter
+        elif a != c:
+            lora += a * din  # an fp32 copy of the input, per adapter
+        else:
+            group = _group_of(name)
+            if group not in shared and group != "attn_out":  # attn_out's input is SDPA's output, counted above
+                lora += c * din
+            shared.add(group)
+    parts["lora"] = lora
+    return parts
+
+
+def processes(cfg: TrainConfig) -> int:
+    """How many processes the run is planned for: plan.processes, else the launcher's WORLD_SIZE."""
+    return cfg.plan.processes or launched_world_size()
+
+
+SHARDED = ("base weights", "quant constants", "embeddings", "LoRA parameters", "LoRA gradients",
+           "optimizer states (AdamW)")
+
+
+def _fsdp_items(items: list[Item], arch: Arch, n: int) -> list[Item]:
+    """Per process under FSDP2 on `n` processes: every parameter, gradient and AdamW state is a 1/n shard; while
+    computing, the root's parameters (embeddings, head, final norm: FSDP2 keeps the root unsharded from its
+    forward to the end of its backward) and two decoder layers (the running one and the prefetched next) are
+    gathered whole."""
+    out = []
+    for i in items:
+        out.append(Item(f"{i.name} (1/{n} shard)", i.inputs + f" / {n}", -(-i.bytes // n), i.kind)
+                   if i.name.startswith(SHARDED) else i)
+    layer = sum(i.bytes for i in items if i.name.startswith(("base weights", "quant constants"))) // arch.layers
+    root = next(i.bytes for i in items if i.name.startswith("embeddings"))
+    out.append(Item("FSDP gathered: root + 2 layers", f"embeddings/head/norms {root / GIB:.2f} GiB + 2 x "
+                    f"{layer / GIB:.3f} GiB per layer", root + 2 * layer, "static"))
+    return out
+
+
+def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None = None,
+            device: str = "cuda") -> Ledger:
+    """The ledger of one training step at `micro_batch` x model.max_seq_len tokens (CUDA allocator bytes)."""
+    arch = arch or read_arch(cfg)
+    mb = micro_batch or int(cfg.data.micro_batch_size)
+    seq = cfg.model.max_seq_len
+    T = mb * seq
+    c = 2
+    items = _weight_bytes(arch, cfg)
+
+    a = 4 if cfg.lora.adapter_dtype == "float32" else 2
+    mods = _lora_modules(arch, cfg)
+    lora_params = arch.layers * sum(cfg.lora.r * (i + o) + (o if cfg.lora.use_dora else 0) for i, o in mods.values())
+    items.append(Item("LoRA parameters", f"{lora_params:,} = L x sum r(in+out) x {a} B", lora_params * a, "static"))
+    items.append(Item("LoRA gradients", f"{lora_params:,} x {a} B", lora_params * a, "static"))
+    if cfg.optim.name == "paged_adamw_8bit":
+        items.append(Item("optimizer states (paged, managed memory)", f"{lora_params:,} x 2 B, outside the allocator",
+                          lora_params * 2, "outside"))
+    else:
+        items.append(Item("optimizer states (AdamW)", f"{lora_params:,} x 2 states x {a} B", lora_params * 2 * a,
+                          "static"))
+    items.append(Item("input batch", f"3 x {T:,} tokens x 8 B (ids, labels, mask)", 3 * T * 8, "static"))
+    weights_loaded = sum(i.bytes for i in items if i.name.startswith(("base", "quant", "embed")))
+    n_proc = processes(cfg)
+    if cfg.distributed.name == "fsdp" and n_proc > 1:
+        items = _fsdp_items(items, arch, n_proc)
+    elif cfg.distributed.name == "ddp" and n_proc > 1:
+        items.append(Item("DDP gradient buckets", f"a copy of the LoRA gradients, {lora_params:,} x {a} B",
+                          lora_params * a, "static"))
+    static = sum(i.bytes for i in items if i.kind == "static")
+
+    per_tok = activation_bytes_per_token(arch, cfg, device)
+    layer_saved = int(sum(per_tok.values()) * T)
+    ck = cfg.checkpointing
+    detail = ", ".join(f"{k} {v:,.0f}" for k, v in per_tok.items())
+    if not ck.enabled:
+        saved = arch.layers * layer_saved
+        items.append(Item("activations kept for backward", f"L={arch.layers} x T={T:,} x ({detail}) B/token",
+                          saved, "activation"))
+    else:
+        layer_in = arch.layers * T * arch.hidden * c
+        if ck.offload_to_cpu:
+            items.append(Item("checkpointed layer inputs (host memory)", f"L x T x h x {c} B, pinned on the CPU",
+                              layer_in, "outside"))
+            saved = 2 * T * arch.hidden * c  # the layer being recomputed and the one prefetched behind it
+            items.append(Item("offload copy-back buffers", f"2 x T x h x {c} B (current + prefetched)", saved,
+                              "activation"))
+        else:
+            saved = layer_in
+            items.append(Item("checkpointed layer inputs", f"L={arch.layers} x T={T:,} x h={arch.hidden} x {c} B",
+                              saved, "activation"))
+        items.append(Item("recompute of one layer", f"T x ({detail}) B/token", layer_saved, "transient"))
+    # Gradients in flight through one layer's backward: d(hidden) and residual, d(MLP intermediates), plus
+    # the one quantized weight dequantized to bf16 for its input gradient.
+    layer_grad = T * c * (3 * arch.hidden + 3 * arch.intermediate) + arch.largest_linear * c
+    items.append(Item("layer backward working set", f"T x {c} x (3h + 3I) + largest weight x {c} B", layer_grad,
+                      "transient"))
+
+    V = arch.vocab
+    if cfg.model.kernels == "liger":
+        chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / arch.hidden)))))
+        loss = T * arch.hidden * c + chunk * V * (c + 4)
+        items.append(Item("loss (liger fused linear CE)", f"d(hidden) T x h x {c} + chunk {chunk} x V={V:,} x 6 B",
+                          loss, "transient"))
+        loss_fwd = loss
+    else:
+        # logits bf16 (2), their fp32 upcast (4) and log_softmax's fp32 output (4) in forward; in backward the
+        # saved output, its incoming gradient and log_softmax's input gradient, all fp32 (12).
+        loss = 12 * T * V
+        loss_fwd = 4 * T * V  # log_softmax's output stays saved after the forward
+        items.append(Item("logits + cross-entropy", f"T={T:,} x V={V:,} x 12 B (fp32 grads of log_softmax)",
+                          loss, "transient"))
+
+    # Peak: at the start of backward (everything saved + loss buffers) or inside one layer's backward.
+    at_loss = static + saved + loss
+    recompute = layer_saved if ck.enabled else 0
+    at_layer = static + saved + recompute + layer_grad
+    kept = [i.name for i in items if i.kind in ("static", "activation")]
+    if at_loss >= at_layer:
+        peak, where, terms = at_loss, "the loss backward (logits)", kept + [items[-1].name]
+    else:
+        extra = ["recompute of one layer"] if ck.enabled else []
+        peak, where, terms = at_layer, "a layer's backward", kept + extra + ["layer backward working set"]
+    weights = sum(i.bytes for i in items if i.kind == "static" and i.name.startswith(("base", "quant", "embed")))
+    if weights_loaded > peak:  # FSDP on many processes: each loads the whole quantized model before sharding it
+        peak, where, terms = weights_loaded, "loading (each process holds the whole model until FSDP shards it)", \
+            ["base weights, quant constants, embeddings before sharding"]
+    phases = {
+        "load": weights_loaded,
+        "wrap": weights + lora_params * a,
+        "first_forward": weights + lora_params * a + saved + loss_fwd,
+        "first_backward": weights + 2 * lora_params * a,
+        "first_optimizer_step": static - lora_params * a - 3 * T * 8,  # gradients freed, states kept
+        "step_peak": peak,
+    }
+    return Ledger(items, peak, where, phases, terms, mb, seq, {"per_token": per_tok, "arch": arch})

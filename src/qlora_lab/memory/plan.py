@@ -1,0 +1,119 @@
+"""Using the ledger: `mode=plan`, fit verdicts, `micro_batch_size=auto`, and predicted-vs-measured tables."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from qlora_lab.core.errors import ConfigError
+from qlora_lab.core.schema import TrainConfig
+from qlora_lab.memory.ledger import Arch, Ledger, predict, read_arch
+from qlora_lab.memory.readings import GIB
+
+PHASES = ("load", "wrap", "first_forward", "first_backward", "first_optimizer_step", "step_peak")
+
+
+def gpu_budget_gib(cfg: TrainConfig, device: str) -> float | None:
+    """The card to plan for: plan.gpu_memory_gib, else the current GPU's memory, else None (no verdict)."""
+    if cfg.plan.gpu_memory_gib is not None:
+        return cfg.plan.gpu_memory_gib
+    if device == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / GIB
+    return None
+
+
+def fits(ledger: Ledger, budget_gib: float | None, margin: float) -> bool | None:
+    return None if budget_gib is None else ledger.card_gib <= budget_gib * (1 - margin)
+
+
+def pick_micro_batch(cfg: TrainConfig, arch: Arch, budget_gib: float) -> Ledger:
+    """The ledger of the largest micro-batch (up to plan.max_micro_batch) predicted to fit the budget."""
+    best = predict(cfg, 1, arch)
+    if not fits(best, budget_gib, cfg.plan.safety_margin):
+        return best  # not even one sequence fits: the caller reports it
+    lo, hi = 1, cfg.plan.max_micro_batch
+    while lo < hi:  # memory grows with the batch, so bisect
+        mid = (lo + hi + 1) // 2
+        ledger = predict(cfg, mid, arch)
+        if fits(ledger, budget_gib, cfg.plan.safety_margin):
+            lo, best = mid, ledger
+        else:
+            hi = mid - 1
+    return best
+
+
+def verify_micro_batch(mb: int, try_step: Callable[[int], None]) -> tuple[int, list[dict[str, Any]]]:
+    """Run one real step at `mb`; on out-of-memory halve it and try again. Returns (mb, attempts)."""
+    attempts = []
+    while True:
+        try:
+            try_step(mb)
+            attempts.append({"micro_batch": mb, "ok": True})
+            return mb, attempts
+        except torch.OutOfMemoryError as e:
+            attempts.append({"micro_batch": mb, "ok": False, "error": str(e).splitlines()[0][:200]})
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if mb == 1:
+                raise RuntimeError("data.micro_batch_size=auto: even a micro-batch of 1 ran out of memory; "
+                                   "lower model.max_seq_len, use checkpointing=offload or model.kernels=liger") from e
+            mb //= 2
+
+
+def check_lora_targets(cfg: TrainConfig, arch: Arch) -> None:
+    """Each named LoRA target must match a module (as peft matches: the full name or its last parts)."""
+    targets = list(cfg.lora.target_modules)
+    if targets == ["all-linear"]:
+        return
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in arch.module_names)]
+    if unmatched:
+        raise ConfigError([f"lora.target_modules names {unmatched} but model {cfg.model.name} has no such module; "
+                           f"its linear layers are named {', '.join(arch.linear_suffixes)} (or use [all-linear])"])
+
+
+def plan_run(cfg: TrainConfig, device: str) -> tuple[Ledger, float | None]:
+    """The run's ledger and the budget it is judged against; with `data.micro_batch_size=auto`, the ledger of the
+    largest micro-batch predicted to fit (the caller records that micro-batch in the run spec)."""
+    arch = read_arch(cfg)
+    check_lora_targets(cfg, arch)
+    budget = gpu_budget_gib(cfg, device)
+    if cfg.data.micro_batch_size == "auto":
+        return pick_micro_batch(cfg, arch, budget), budget
+    return predict(cfg, int(cfg.data.micro_batch_size), arch), budget
+
+
+def verdict(ledger: Ledger, budget: float | None, margin: float) -> str:
+    ok = fits(ledger, budget, margin)
+    if ok is None:
+        return "no GPU budget given (plan.gpu_memory_gib=N to judge fit)"
+    return (f"{'fits' if ok else 'DOES NOT FIT'} {budget:.1f} GiB with {margin:.0%} margin "
+            f"(needs {ledger.card_gib:.2f} GiB on the card)")
+
+
+def plan_report(cfg: TrainConfig, ledger: Ledger, budget: float | None, overrides: list[str]) -> str:
+    head = (f"memory ledger: model={cfg.model.name} quantization={cfg.quantization.name} lora.r={cfg.lora.r} "
+            f"checkpointing={cfg.checkpointing.name} kernels={cfg.model.kernels} "
+            f"micro_batch={ledger.micro_batch} seq={ledger.seq_len}")
+    line = (f"PLAN {' '.join(overrides) or '(defaults)'}: peak {ledger.peak_gib:.2f} GiB allocated at "
+            f"{ledger.peak_where}; {verdict(ledger, budget, cfg.plan.safety_margin)}")
+    return "\n".join([head, ledger.table(), line])
+
+
+def predicted_metrics(ledger: Ledger) -> dict[str, float]:
+    return {f"ledger/{p}/predicted_gib": ledger.phases[p] / GIB for p in PHASES}
+
+
+def compare(ledger: Ledger, measured: dict[str, float]) -> tuple[dict[str, float], str]:
+    """Predicted vs measured (GiB) for each phase measured; the flat metrics and a printable table."""
+    metrics: dict[str, float] = {}
+    lines = [f"{'phase':<22} {'predicted':>10} {'measured':>10} {'diff':>8}"]
+    for p in PHASES:
+        if p not in measured:
+            continue
+        pred, meas = ledger.phases[p] / GIB, measured[p]
+        err = (pred - meas) / meas * 100 if meas else float("nan")
+        metrics.update({f"ledger/{p}/predicted_gib": pred, f"ledger/{p}/measured_gib": meas,
+                        f"ledger/{p}/error_pct": err})
+        lines.append(f"{p:<22} {pred:10.3f} {meas:10.3f} {err:+7.1f}%")
+    return metrics, "\n".join(lines)

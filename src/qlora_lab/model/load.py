@@ -1,0 +1,26 @@
+"""Stage 1 (load): the (quantized) weights, onto this process's device."""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.core.dtypes import torch_dtype
+from qlora_lab.core.schema import ModelConfig
+from qlora_lab.model.kernels import apply_kernels
+
+
+def load_model(path: str, m: ModelConfig, bnb_config, device: str) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    apply_kernels(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code), m)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        quantization_config=bnb_config,
+        dtype=torch_dtype(m.dtype),
+        attn_implementation=str(m.attn_implementation),
+        # one device (this process's GPU under torchrun); the weights are quantized as they stream in
+        device_map={"": torch.cuda.current_device() if device == "cuda" else device},
+        trust_remote_code=m.trust_remote_code,
+    )
+    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return model

@@ -1,0 +1,1 @@
+"""Runs and sweeps: validate, resolve the run spec, call the stages in order, record how it ended."""

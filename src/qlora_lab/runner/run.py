@@ -1,0 +1,260 @@
+"""One run, in pipeline order: validate -> resolve -> load -> quantize -> prepare -> adapt -> data -> train -> save.
+
+`run(cfg)` is what `train.py` calls and what the tests call; it returns the run's summary metrics. Ordering
+constraints, each for a reason:
+- validate and resolve first: every problem is reported before anything loads, and every `auto` is settled
+  before anything is recorded;
+- rows are read and checked before the tokenizer loads, and tokenized before the weights load: a bad dataset
+  fails in seconds, not after a model load;
+- the sinks open once the run spec is final (after the micro-batch probe on CUDA), so run_info.json, W&B and
+  checkpoints record what runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_lab.core import dist as dist_mod
+from qlora_lab.core.dist import Dist
+from qlora_lab.core.errors import Status
+from qlora_lab.core.flat import flatten
+from qlora_lab.core.schema import TrainConfig
+from qlora_lab.core.spec import RunSpec
+from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
+from qlora_lab.data.tokenize import build_examples
+from qlora_lab.memory import plan
+from qlora_lab.memory.ledger import Ledger
+from qlora_lab.memory.readings import PhaseReadings, reset_peak
+from qlora_lab.model import BuiltModel, build_model, model_source
+from qlora_lab.runner.preflight import validate
+from qlora_lab.runner.resolve import resolve_spec
+from qlora_lab.sinks.jsonl import JsonlSink
+from qlora_lab.sinks.logger import MetricLogger
+from qlora_lab.sinks.provenance import record_resume, write_run_info
+from qlora_lab.sinks.summary import failure_summary, write_summary
+from qlora_lab.sinks.wandb import WandbSink
+from qlora_lab.train import checkpoint
+from qlora_lab.train.evaluate import Evaluator
+from qlora_lab.train.loop import train
+from qlora_lab.train.save import save_adapter
+
+# Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
+NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "hydra.")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+def open_logger(spec: RunSpec, out_dir: Path, resume: tuple[str | None, int] | None = None) -> MetricLogger:
+    """metrics.jsonl and W&B; `resume=(wandb run id, step)` continues both after that step."""
+    cfg = spec.cfg
+    jsonl = JsonlSink(out_dir / "metrics.jsonl", resume_step=resume[1] if resume else None)
+    sinks: list = [jsonl]
+    if cfg.logger.name == "wandb" and cfg.logger.mode != "disabled":
+        tags = [o for o in spec.overrides if not o.startswith(NOT_TAGS)]
+        sinks.append(WandbSink(project=cfg.logger.project, entity=cfg.logger.entity, mode=str(cfg.logger.mode),
+                               run_dir=out_dir, name=cfg.run_name, group=cfg.sweep_id,
+                               tags=list(cfg.tags) + tags, config=flatten(spec.config()),
+                               resume=(resume[0], jsonl.records()) if resume and resume[0] else None))
+    return MetricLogger(sinks)
+
+
+def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist) -> tuple[RunSpec, Path | None]:
+    """The checkpoint `resume` names, checked against the run spec and the data (None: start fresh).
+
+    An auto micro-batch resumes with the checkpoint's: a resumed run continues what it started.
+    """
+    cfg = spec.cfg
+    if not cfg.resume:
+        return spec, None
+    ckpt = checkpoint.find(cfg.resume, out_dir)
+    if ckpt is None:
+        if dist.main:
+            print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; starting from step 0")
+        return spec, None
+    saved = json.loads((ckpt / "config.json").read_text())
+    if spec.resolved.get("data.micro_batch_size", [None])[0] == "auto":
+        spec = spec.evolve("data.micro_batch_size", saved["config"]["data"]["micro_batch_size"])
+    allowed = checkpoint.check_compatible(ckpt, spec.config(), data_fingerprint, dist.world)
+    step, run_dir = checkpoint.step_of(ckpt), checkpoint.run_dir_of(ckpt)
+    if dist.main:
+        print(f"qlora-lab: resuming {run_dir} from {ckpt.name} (step {step})"
+              + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in allowed) if allowed else ""))
+        record_resume(run_dir, checkpoint=ckpt, step=step, overrides=list(spec.overrides), differences=allowed)
+    return spec, ckpt
+
+
+def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Train (or plan) one run described by `cfg`; returns its summary metrics."""
+    tcfg: TrainConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
+    device = validate(tcfg)  # every problem that can be found without a model, all at once
+    spec, ledger, budget = resolve_spec(tcfg, device, list(overrides or []))
+    if spec.cfg.mode == "plan":
+        print(plan.plan_report(spec.cfg, ledger, budget, list(spec.overrides)))
+        return {"summary/status": str(Status.planned), "summary/predicted_peak_gib": ledger.peak_gib,
+                "summary/predicted_card_gib": ledger.card_gib, "summary/micro_batch": ledger.micro_batch,
+                "summary/fits": plan.fits(ledger, budget, spec.cfg.plan.safety_margin)}
+    dist = dist_mod.setup(spec.cfg.distributed, device)
+    try:
+        return _train_run(spec, ledger, budget, dist)
+    finally:
+        dist_mod.teardown(dist)
+
+
+def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) -> dict[str, Any]:
+    cfg, device = spec.cfg, spec.device
+    # Every process writes into rank 0's run dir (their Hydra dirs agree anyway, see resolvers.launch_time).
+    out_dir = Path(dist.broadcast(cfg.output_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.plan.skip_unfit and plan.fits(ledger, budget, cfg.plan.safety_margin) is False:
+        return _skip(out_dir, ledger, budget, spec, dist.main)
+    logger: MetricLogger | None = None
+    loading = False  # past the data checks: a failure from here on goes into W&B too (a sweep's failed job shows)
+    try:
+        rows = read_rows(cfg.data)
+        check_size(len(rows), cfg.data, int(cfg.data.micro_batch_size), dist.world)
+        data_fingerprint = fingerprint(rows)
+        spec, ckpt = find_resume(spec, out_dir, data_fingerprint, dist)
+        if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
+            out_dir = checkpoint.run_dir_of(ckpt)
+        seed_everything(cfg.seed)
+        t_start = time.perf_counter()
+        loading = True
+
+        phases = PhaseReadings(device)
+        reset_peak(device)
+        source = model_source(spec, dist)
+        # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
+        examples = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt)
+        train_set, eval_set = split_eval(examples, cfg.data, cfg.seed)
+        built = build_model(spec, source, dist, phases.read)
+        if "data.micro_batch_size" in spec.resolved and device == "cuda" and ckpt is None:
+            spec, ledger = _prove_micro_batch(spec, ledger, built)
+        phases.metrics.update(plan.predicted_metrics(ledger))
+
+        resume = None
+        if ckpt is not None:
+            saved = json.loads((ckpt / "trainer_state.json").read_text())
+            resume = (saved["trainer"]["wandb_id"], saved["step"])
+        elif dist.main:
+            write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=built.path)
+        # Only rank 0 reports: one metrics.jsonl, one W&B run, whatever the number of processes.
+        logger = open_logger(spec, out_dir, resume) if dist.main else MetricLogger([])
+        if dist.main:
+            print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
+                  f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
+                  + (f", {dist.world} processes ({dist.strategy})" if dist.active else ""))
+
+        checkpointer = checkpoint.Checkpointer(out_dir, cfg.save.keep_last, spec.config(), data_fingerprint, dist)
+        evaluator = Evaluator(cfg.eval, list(cfg.data.metrics), rows, eval_set, built.tokenizer,
+                              int(spec.cfg.data.micro_batch_size), device, dist)
+        summary = train(built, train_set, evaluator, spec, logger, phases, run_dir=out_dir,
+                        checkpointer=checkpointer, resume_from=ckpt, dist=dist)
+        adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
+        if not dist.main:
+            return summary
+        ledger_table = _ledger_vs_measured(ledger, phases, summary, logger) if device == "cuda" else ""
+        summary.update({
+            "summary/trainable_params": built.trainable,
+            "summary/total_params": built.total,
+            "summary/train_rows": len(train_set),
+            "summary/wall_time_s": time.perf_counter() - t_start,
+            "summary/status": str(Status.finished),
+            "summary/micro_batch": int(spec.cfg.data.micro_batch_size),
+            "summary/kernels": str(spec.cfg.model.kernels),
+            "summary/predicted_peak_gib": ledger.peak_gib,
+            "summary/adapter_dir": str(adapter_dir),
+        })
+        logger.summary({**summary, **phases.metrics})
+        _print_summary(summary, phases)
+        if ledger_table:
+            print("qlora-lab: memory ledger, predicted vs measured (GiB allocated):\n" + ledger_table)
+        return summary
+    except BaseException as e:  # recorded in the run dir and in W&B, so a sweep table can say why it ended
+        if dist.main:
+            record = failure_summary(out_dir, e)
+            write_summary(out_dir, record)
+            if logger is None and loading:
+                logger = _failure_logger(spec, out_dir)
+            if logger is not None:
+                logger.summary(record)
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+
+
+def _failure_logger(spec: RunSpec, out_dir: Path) -> MetricLogger | None:
+    """The sinks of a run that failed before they opened, to record the failure; None if they cannot open."""
+    try:
+        return open_logger(spec, out_dir)
+    except Exception as e:  # the original failure is what matters; say why this record is missing
+        print(f"qlora-lab: warning: could not record the failure in W&B ({type(e).__name__}: {e})", file=sys.stderr)
+        return None
+
+
+def _prove_micro_batch(spec: RunSpec, ledger: Ledger, built: BuiltModel) -> tuple[RunSpec, Ledger]:
+    """data.micro_batch_size=auto on CUDA: one real step at the ledger's pick, halved on out-of-memory."""
+    seq = spec.cfg.model.max_seq_len
+    mb, attempts = plan.verify_micro_batch(int(spec.cfg.data.micro_batch_size),
+                                           lambda n: _probe_step(built.model, n, seq))
+    print(f"qlora-lab: micro_batch_size=auto -> {mb} (ledger picked {ledger.micro_batch}; tries {attempts})")
+    if mb == ledger.micro_batch:
+        return spec, ledger
+    spec = spec.evolve("data.micro_batch_size", mb)
+    return spec, plan.predict(spec.cfg, mb)
+
+
+def _probe_step(model, micro_batch: int, seq: int) -> None:
+    """One forward and backward at full sequence length, to prove a micro-batch fits before training on it."""
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device="cuda")
+        model(input_ids=ids, labels=ids).loss.backward()
+    finally:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+
+
+def _ledger_vs_measured(ledger: Ledger, phases: PhaseReadings, summary: dict[str, Any],
+                        logger: MetricLogger) -> str:
+    """The ledger predicts CUDA allocator bytes (CPU RSS is not comparable): log predicted, measured and the
+    difference per phase to every sink; returns the printable table."""
+    measured = {p: phases.measured(p) for p in plan.PHASES[:-1] if phases.measured(p) is not None}
+    measured["step_peak"] = summary["summary/peak_memory_gib"]
+    metrics, table = plan.compare(ledger, measured)
+    logger.log(metrics, step=summary["summary/steps"])
+    summary.update(metrics)
+    return table
+
+
+def _skip(out_dir: Path, ledger: Ledger, budget: float | None, spec: RunSpec, writer: bool) -> dict[str, Any]:
+    """plan.skip_unfit: record the run as skipped, with the reason, instead of starting it."""
+    reason = plan.verdict(ledger, budget, spec.cfg.plan.safety_margin)
+    summary = {"summary/status": str(Status.skipped), "summary/reason": reason,
+               "summary/predicted_peak_gib": ledger.peak_gib, "summary/predicted_card_gib": ledger.card_gib}
+    if writer:
+        write_summary(out_dir, summary)
+        print(f"qlora-lab: {spec.cfg.run_name}: skipped: {reason}")
+    return summary
+
+
+def _print_summary(summary: dict[str, Any], phases: PhaseReadings) -> None:
+    print("qlora-lab: memory by phase (GiB, allocated / peak allocated):")
+    for name in ("load", "prepare", "wrap", "first_forward", "first_backward", "first_optimizer_step"):
+        a, p = phases.measured(name), phases.measured(name, "peak_allocated_gib")
+        if a is not None:
+            print(f"  {name:<22} {a:8.3f} / {p:8.3f}")
+    print("qlora-lab: " + ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" if isinstance(v, float) else
+                                    f"{k.split('/', 1)[1]}={v}" for k, v in summary.items()), file=sys.stdout)

@@ -1,0 +1,157 @@
+"""Sweeps researchers can trust: each job in a fresh process, failures recorded, the sweep goes on.
+
+Hydra's launchers run a multirun's jobs in one process (basic) or in reused worker processes (joblib/loky), so
+CUDA peak statistics, cached allocations and a process's peak RSS leak from one job into the next; submitit's
+local launcher starts every job at once on all GPUs. So each job's task function here spawns a fresh Python
+process for the training itself (`sweep.isolate=true`): the launcher decides how many jobs run at once
+(`hydra/launcher=joblib hydra.launcher.n_jobs=N` for N GPUs), and each child takes a free GPU through a lock file
+in the sweep dir, so two jobs never share a card. A job that fails (OOM, NaN, any error) is recorded in its run
+dir, in W&B and in the sweep's `sweep_summary.jsonl`; the sweep carries on and its exit code says whether any
+job failed. Ctrl-C stops the sweep and says which jobs finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_lab.core.errors import Status
+from qlora_lab.core.schema import TrainConfig
+from qlora_lab.runner.run import run
+from qlora_lab.sinks.summary import read_summary, record_failure
+
+SUMMARY_FILE = "sweep_summary.jsonl"
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:  # jobs of a parallel launcher append concurrently
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(record, default=str) + "\n")
+
+
+def _take_gpu(lock_dir: Path, gpus: list[int] | None):
+    """Hold a lock on a free GPU (one job per card) and make it the only one this process sees."""
+    import torch
+
+    visible = gpus if gpus is not None else list(range(torch.cuda.device_count()))
+    if len(visible) <= 1:
+        return None
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for gpu in visible:
+            handle = open(lock_dir / f"gpu{gpu}.lock", "w")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(gpu)  # before the first CUDA call of this process
+            return handle
+        time.sleep(1.0)
+
+
+def _child(config_path: Path) -> None:
+    """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
+    container = json.loads(config_path.read_text())
+    gpus = container["config"]["sweep"]["gpus"]
+    gpu_lock = _take_gpu(config_path.parent.parent / ".gpu_locks", list(gpus) if gpus is not None else None)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container["config"])
+    try:
+        run(cfg, overrides=container["overrides"])
+    except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
+        record_failure(Path(cfg.output_dir), e)
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if gpu_lock is not None:
+            gpu_lock.close()
+
+
+def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str) -> dict[str, Any]:
+    """One multirun job: skipped if resuming and already finished, else trained in a child process."""
+    job_dir = Path(cfg.output_dir)
+    previous = read_summary(job_dir)
+    if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
+        print(f"qlora-lab: {job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
+        record = {**previous, "resumed": True}
+    else:
+        container = OmegaConf.to_container(cfg, resolve=True)
+        if cfg.sweep.isolate:
+            # A fresh interpreter: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. A plain
+            # subprocess rather than multiprocessing, which clashes with the start methods of launchers' workers.
+            job_dir.mkdir(parents=True, exist_ok=True)
+            config_path = job_dir / "job_config.json"
+            config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
+            proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)])
+            try:
+                proc.wait()
+            except KeyboardInterrupt:
+                proc.terminate()
+                proc.wait()
+                _append(sweep_dir / SUMMARY_FILE, {"job": job_name, "overrides": overrides,
+                                                   "summary/status": str(Status.interrupted)})
+                raise
+        else:
+            try:
+                run(cfg, overrides=overrides)
+            except Exception as e:  # in-process: record and go on, as the isolated path does
+                record_failure(job_dir, e)
+        record = read_summary(job_dir) or {"summary/status": str(Status.failed),
+                                           "summary/reason": "the job wrote no summary"}
+    record = {"job": job_name, "overrides": overrides, "dir": str(job_dir), **record}
+    _append(sweep_dir / SUMMARY_FILE, record)
+    return record
+
+
+def report(sweep_dir: Path) -> tuple[str, int]:
+    """The sweep's table of jobs and how many did not end well (last record per job wins)."""
+    path = sweep_dir / SUMMARY_FILE
+    if not path.is_file():
+        return "", 0
+    latest: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        latest[rec["job"]] = rec
+    lines = [f"{'job':<50} {'status':<14} {'final loss':>10} {'peak GiB':>9}  reason"]
+    bad = 0
+    for job, rec in latest.items():
+        status = rec.get("summary/status", "?")
+        bad += status not in [s for s in Status if s.ok]
+        loss, peak = rec.get("summary/final_loss"), rec.get("summary/peak_memory_gib")
+        loss_s = "-" if loss is None else f"{loss:.4f}"
+        peak_s = "-" if peak is None else f"{peak:.3f}"
+        lines.append(f"{job[:50]:<50} {status:<14} {loss_s:>10} {peak_s:>9}  {str(rec.get('summary/reason', ''))[:80]}")
+    return "\n".join(lines), bad
+
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover
+    Callback = object  # type: ignore[misc,assignment]
+
+
+class SweepReport(Callback):
+    """At the end of a multirun: print every job's status and exit non-zero if any failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        table, bad = report(sweep_dir)
+        if not table:
+            return
+        print(f"qlora-lab: sweep {sweep_dir}\n{table}")
+        if bad:
+            print(f"qlora-lab: {bad} job(s) did not finish; see {sweep_dir / SUMMARY_FILE}", file=sys.stderr)
+            raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    _child(Path(sys.argv[1]))

@@ -1,0 +1,105 @@
+"""run_info.json: what it takes to re-create a run (command, resolved config, code, environment, data)."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+import subprocess
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_lab.core.spec import RunSpec
+
+CHECKOUT = Path(__file__).resolve().parents[3]  # src/qlora_lab/sinks/ -> the repository (an editable install)
+
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
+            "hydra-core", "omegaconf", "wandb", "qlora-lab")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(CHECKOUT), *args], capture_output=True, text=True, timeout=10,
+                             check=True)
+        return out.stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def lock_info(root: Path = CHECKOUT) -> dict[str, Any] | None:
+    """The uv.lock of the checkout this code runs from: its sha256, and the installed packages whose version is not
+    the one it pins (none when the environment was made with `uv sync --locked`). None outside a checkout."""
+    lock = root / "uv.lock"
+    if not lock.is_file():
+        return None
+    raw = lock.read_bytes()
+    pinned: dict[str, set[str]] = {}
+    for pkg in tomllib.loads(raw.decode()).get("package", []):
+        if "version" in pkg:  # a platform or Python fork may pin several versions of one package
+            pinned.setdefault(pkg["name"], set()).add(pkg["version"])
+    differ = {name: {"installed": v, "locked": sorted(pinned[name])} for name, v in _versions().items()
+              if v is not None and name in pinned and v not in pinned[name]}
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "matches_installed": not differ, "differences": differ}
+
+
+def device_info(device: str) -> dict[str, Any]:
+    info: dict[str, Any] = {"device": device, "platform": platform.platform(), "python": platform.python_version()}
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 1024**3,
+                    cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
+    else:
+        info["cpu_threads"] = torch.get_num_threads()
+    return info
+
+
+def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, model_path: str) -> None:
+    """run_info.json (+ git_diff.patch when the tree is dirty): enough to re-create this run. The config is the
+    resolved one (what ran); `resolved` says which values were `auto` and what they became."""
+    overrides = list(spec.overrides)
+    commit = _git("rev-parse", "HEAD")
+    diff = _git("diff", "HEAD")
+    if diff:
+        (out_dir / "git_diff.patch").write_text(diff)
+    info = {
+        "command": "python train.py " + " ".join(overrides),
+        "overrides": overrides,
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(diff),
+        "packages": _versions(),
+        "uv_lock": lock_info(),
+        "device": device_info(spec.device),
+        "processes": spec.processes,
+        "dataset_fingerprint": dataset_fingerprint,
+        "model_path": model_path,
+        "resolved": spec.resolved,
+        "config": spec.config(),
+    }
+    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+
+
+def record_resume(out_dir: Path, *, checkpoint: Path, step: int, overrides: list[str],
+                  differences: list[str]) -> None:
+    """Add this resume to run_info.json's `resumes`: from where, with which command and config differences."""
+    path = out_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    commit = _git("rev-parse", "HEAD")
+    info.setdefault("resumes", []).append({
+        "checkpoint": str(checkpoint), "step": step, "overrides": overrides, "config_differences": differences,
+        "git_commit": commit.strip() if commit else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    path.write_text(json.dumps(info, indent=2, default=str))

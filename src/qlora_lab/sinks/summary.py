@@ -1,0 +1,46 @@
+"""summary.json: how a run ended and its headline numbers, valid JSON (a non-finite number is written as null)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from qlora_lab.core.errors import Status, classify
+
+SUMMARY = "summary.json"
+
+
+def json_safe(values: dict[str, Any]) -> dict[str, Any]:
+    """NaN and inf have no JSON spelling: they become null, which every reader can parse."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
+
+
+def write_summary(run_dir: Path, values: dict[str, Any]) -> None:
+    path = Path(run_dir) / SUMMARY
+    tmp = path.with_name(f".{SUMMARY}.tmp")
+    tmp.write_text(json.dumps(json_safe(values), indent=2, default=str, allow_nan=False))
+    tmp.replace(path)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def failure_summary(run_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """The summary of a run that ended with `exc`: why it ended, on top of what it had already recorded. A failure
+    an inner layer already recorded is kept (it is closer to the cause)."""
+    summary = read_summary(run_dir) or {}
+    if Status(summary.get("summary/status", Status.finished)).ok:
+        summary.update({"summary/status": str(classify(exc)), "summary/reason": f"{type(exc).__name__}: {str(exc)[:500]}"})
+    return summary
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """Write why a run ended into its summary.json; returns that summary."""
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    summary = failure_summary(run_dir, exc)
+    write_summary(run_dir, summary)
+    return summary

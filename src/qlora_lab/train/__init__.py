@@ -1,0 +1,1 @@
+"""Stage 6 (train) and 7 (save): the loop and its collaborators, checkpoints, the saved adapter."""

@@ -1,0 +1,78 @@
+"""Evaluation on the held-out rows: the loss per label token, and task metrics from greedy generations.
+
+Every `eval.every_steps` steps and at the end. The loss runs on every held-out row; generation (the slow part) on
+the first `eval.max_rows` of them, split over the processes and gathered on rank 0, which logs `eval/<metric>`
+and a table of `eval.samples` (prompt, reference, prediction) per evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from qlora_lab.core.dist import Dist
+from qlora_lab.core.schema import EvalConfig
+from qlora_lab.data.batching import batches
+from qlora_lab.data.tokenize import Example
+from qlora_lab.evaluation.generate import generate, prompts_of, stop_token_ids
+from qlora_lab.evaluation.metrics import METRICS, exact_match, score
+from qlora_lab.train.step import count_label_tokens, forward_loss
+
+
+@torch.no_grad()
+def evaluate_loss(model, eval_set: list[Example], micro_batch: int, pad_id: int, device: str) -> float:
+    """Mean loss per label token over `eval_set` (NaN when it is empty)."""
+    if not eval_set:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches(eval_set, micro_batch, pad_id):
+        n = count_label_tokens(batch)
+        total += float(forward_loss(model, batch, device, 1)) if n else 0.0
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+class Evaluator:
+    """Decides when to evaluate and computes the eval metrics; `names` lists what is measured."""
+
+    def __init__(self, cfg: EvalConfig, task_metrics: list[str], rows: list[dict[str, Any]], eval_set: list[Example],
+                 tokenizer, micro_batch: int, device: str, dist: Dist = Dist()):
+        self.cfg, self.eval_set, self.tokenizer = cfg, eval_set, tokenizer
+        self.micro_batch, self.device, self.dist = micro_batch, device, dist
+        self.names = list(dict.fromkeys([*cfg.metrics, *task_metrics]))  # eval's, then the task's, once each
+        self.generative = [n for n in self.names if n in METRICS]
+        chosen = eval_set if cfg.max_rows == 0 else eval_set[:cfg.max_rows]
+        self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer) if self.generative else []
+        self.best: dict[str, float] = {}
+
+    def due(self, step: int, steps: int) -> bool:
+        every = self.cfg.every_steps
+        return bool(self.eval_set) and (step == steps or (every > 0 and step % every == 0))
+
+    def run(self, model, engine) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """({"eval/<metric>": value}, sample rows) of the current weights; `engine` runs the loss (DDP/FSDP),
+        `model` (the PEFT model) generates. Samples and metrics are complete on rank 0 only."""
+        metrics: dict[str, float] = {}
+        if "loss" in self.names:
+            metrics["eval/loss"] = evaluate_loss(engine, self.eval_set, self.micro_batch,
+                                                 self.tokenizer.pad_token_id, self.device)
+        if not self.generative:
+            return metrics, []
+        d = self.dist
+        mine = self.prompts[d.rank::d.world]
+        texts = generate(model, self.tokenizer, [p.text for p in mine], batch_size=self.cfg.batch_size,
+                         max_new_tokens=self.cfg.max_new_tokens, device=self.device,
+                         stop_ids=stop_token_ids(self.tokenizer, model), synced=d.world > 1)
+        gathered = d.gather(list(zip((p.row for p in mine), texts)))
+        predicted = dict(pair for part in gathered for pair in part)
+        preds = [predicted[p.row] for p in self.prompts]
+        refs = [p.reference for p in self.prompts]
+        metrics.update({f"eval/{k}": v for k, v in score(preds, refs, self.generative).items()})
+        samples = [{"row": p.row, "prompt": p.text, "reference": p.reference, "prediction": pred,
+                    "exact_match": exact_match(pred, p.reference)}
+                   for p, pred in zip(self.prompts[:self.cfg.samples], preds)]
+        return metrics, samples

@@ -1,0 +1,61 @@
+"""What the loop knows about its own progress; saved in every checkpoint, so a resumed run continues it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    losses: list[float | None] = field(default_factory=list)  # per step; None for a non-finite one
+    throughputs: list[float] = field(default_factory=list)  # tokens/s per step
+    eval: dict[str, float] = field(default_factory=dict)  # the latest evaluation: {"eval/<metric>": value}
+    peak_gib: float = 0.0  # the largest per-step peak so far
+    skipped: int = 0  # steps whose update the NaN guard dropped
+    last_finite_loss: float | None = None
+    wandb_id: str | None = None  # so that a resumed run continues the same W&B run
+
+    def to_checkpoint(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(step=saved["step"], **{k: v for k, v in saved["trainer"].items() if k in known})
+
+    def record(self, loss: float, tokens: int, seconds: float, peak_gib: float) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        self.losses.append(finite_or_none(loss))
+        self.throughputs.append(tokens / seconds)
+        self.peak_gib = max(self.peak_gib, peak_gib)
+
+    def summary(self, steps: int, resumed_from: int, processes: int) -> dict[str, Any]:
+        finite = [x for x in self.losses if x is not None]
+        # Skip the first steps in the throughput figure: they include allocator warm-up and lazy init.
+        steady = self.throughputs[min(3, len(self.throughputs) - 1):]
+        tokens_per_s = statistics.median(steady) if steady else float("nan")
+        return {
+            "summary/first_loss": finite[0] if finite else float("nan"),
+            "summary/final_loss": finite[-1] if finite else float("nan"),
+            "summary/eval_loss": self.eval.get("eval/loss", float("nan")),
+            **{f"summary/eval_{k.split('/', 1)[1]}": v for k, v in self.eval.items() if k != "eval/loss"},
+            "summary/tokens_per_s": tokens_per_s,
+            "summary/peak_memory_gib": self.peak_gib,
+            "summary/steps": steps,
+            "summary/tokens": self.tokens_seen,
+            "summary/skipped_steps": self.skipped,
+            "summary/resumed_from_step": resumed_from,
+            "summary/processes": processes,
+            "summary/tokens_per_s_per_process": tokens_per_s / processes,
+        }

@@ -1,0 +1,92 @@
+"""What several test files share: running train.py as a user does, and reading back what a run wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+# On a child's PYTHONPATH, faults/sitecustomize.py gives every batch holding a row with POISON in it a NaN loss.
+FAULTS = Path(__file__).parent / "faults"
+
+
+def child_env(faults: bool = False, threads: int = 2) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HYDRA_FULL_ERROR": "0"}
+    if faults:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH")) if p)
+    return env
+
+
+def train_py(args: list[str], cache_dir, out_dir, timeout: int = 300, faults: bool = False,
+             ) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` with the run dir at out_dir/run and the sweep dir at out_dir/sweep."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
+           f"hydra.run.dir={out_dir}/run", f"hydra.sweep.dir={out_dir}/sweep"]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(faults), capture_output=True, text=True, timeout=timeout)
+
+
+def start(args: list[str], cache_dir, out_dir) -> subprocess.Popen:
+    """train.py in the background (stdout and stderr together), with the run dir at out_dir/run."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
+           f"hydra.run.dir={out_dir}/run"]
+    return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def wait_for_step(proc: subprocess.Popen, metrics: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before step {step}:\n{proc.stdout.read()[-3000:]}")
+        if metrics.is_file() and any(json.loads(line).get("step", 0) >= step
+                                     for line in metrics.read_text().splitlines() if line.endswith("}")):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def records(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / name).read_text().splitlines()]
+
+
+def step_records(run_dir: Path, name: str = "metrics.jsonl") -> dict[int, dict]:
+    """The training records of a run by step; fails if a step was logged twice."""
+    out: dict[int, dict] = {}
+    for r in records(run_dir, name):
+        if "train/loss" in r:
+            assert r["step"] not in out, f"step {r['step']} logged twice in {Path(run_dir) / name}"
+            out[r["step"]] = r
+    return out
+
+
+def max_rel(a: dict[int, dict], b: dict[int, dict], key: str, steps) -> float:
+    return max(abs(a[s][key] - b[s][key]) / abs(b[s][key]) for s in steps)
+
+
+# What the multi-process tests share: 12 steps with a checkpoint at 6, no dropout (its masks depend on how rows are
+# split over processes), 4-bit weights packed as bf16 (what FSDP shards).
+DIST_COMMON = ("optim.max_steps=12", "lora.dropout=0", "save.every_steps=6", "eval.every_steps=0",
+               "quantization.quant_storage=bfloat16", "logger.progress_bar=false")
+
+
+def launch(args: list[str], cache_dir: Path, run_dir: Path, processes: int | None = None,
+           common: tuple[str, ...] = DIST_COMMON) -> subprocess.CompletedProcess:
+    """train.py with `common` + `args`: under torchrun with `processes` processes, or plain python (None)."""
+    env = child_env(threads=1)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    head = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] \
+        if processes else [sys.executable]
+    cmd = [*head, str(ROOT / "train.py"), *common, *args, f"cache_dir={cache_dir}", f"hydra.run.dir={run_dir}"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:  # the lines that say why, from whichever process failed, then the tail
+        why = [x for x in res.stderr.splitlines() if any(k in x for k in ("Error", "terminate", "rank", "what()"))]
+        pytest.fail(f"exit {res.returncode}\n" + "\n".join(why[-40:]) + "\n--- stderr tail ---\n" + res.stderr[-3000:])
+    return res
