@@ -1,17 +1,22 @@
-# make train   — set up .venv (uv) and run the default job: tiny model, nf4 QLoRA, offline W&B
-# make test    — set up .venv and run the CPU test suite (what CI runs)
+# make train    — set up .venv from uv.lock and run the default job: tiny model, nf4 QLoRA, offline W&B
+# make test     — set up .venv from uv.lock and run the CPU test suite (what CI runs)
+# make upgrade  — re-resolve uv.lock to the newest releases, re-install and re-run the suite (commit both if green)
 PY := .venv/bin/python
-UV ?= $(shell command -v uv 2>/dev/null || echo .venv-uv/bin/uv)
+# uv itself is pinned too, so that every machine reads and writes the lock the same way.
+UV_VERSION := 0.13.9
+UV := .venv-uv/bin/uv
 
-.PHONY: setup train test sweep compare clean
+.PHONY: setup train test upgrade sweep compare clean
 
 setup: .venv/.installed
 
-.venv/.installed: pyproject.toml
-	@command -v uv >/dev/null 2>&1 || [ -x .venv-uv/bin/uv ] || \
-		(python3 -m venv .venv-uv && .venv-uv/bin/pip install -q uv)
-	$(UV) venv -q --allow-existing .venv
-	$(UV) pip install -q -p $(PY) -e '.[dev]'
+$(UV):
+	python3 -m venv .venv-uv
+	.venv-uv/bin/pip install -q uv==$(UV_VERSION)
+
+# Exactly the lock: `--locked` fails (instead of silently re-resolving) if pyproject.toml and uv.lock disagree.
+.venv/.installed: pyproject.toml uv.lock | $(UV)
+	$(UV) sync -q --locked --extra dev
 	@touch $@
 
 train: setup
@@ -19,6 +24,13 @@ train: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+upgrade: | $(UV)
+	$(UV) lock --upgrade
+	$(UV) sync -q --locked --extra dev
+	@touch .venv/.installed
+	$(PY) -m pytest -q $(ARGS)
+	@echo "upgraded and green: commit pyproject.toml and uv.lock together"
 
 sweep: setup
 	$(PY) train.py -m lora.r=8,16 $(ARGS)

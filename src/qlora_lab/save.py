@@ -8,7 +8,9 @@ import os
 import platform
 import shutil
 import subprocess
+import hashlib
 import time
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +69,22 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
+def lock_info(root: Path = Path(__file__).resolve().parents[2]) -> dict[str, Any] | None:
+    """The uv.lock of the checkout this code runs from: its sha256, and the installed packages whose version is not
+    the one it pins (none when the environment was made with `uv sync --locked`). None outside a checkout."""
+    lock = root / "uv.lock"
+    if not lock.is_file():
+        return None
+    raw = lock.read_bytes()
+    pinned: dict[str, set[str]] = {}
+    for pkg in tomllib.loads(raw.decode()).get("package", []):
+        if "version" in pkg:  # a platform or Python fork may pin several versions of one package
+            pinned.setdefault(pkg["name"], set()).add(pkg["version"])
+    differ = {name: {"installed": v, "locked": sorted(pinned[name])} for name, v in _versions().items()
+              if v is not None and name in pinned and v not in pinned[name]}
+    return {"sha256": hashlib.sha256(raw).hexdigest(), "matches_installed": not differ, "differences": differ}
+
+
 def device_info(device: str) -> dict[str, Any]:
     info: dict[str, Any] = {"device": device, "platform": platform.platform(), "python": platform.python_version()}
     if device == "cuda":
@@ -91,6 +109,7 @@ def write_run_info(out_dir: Path, *, config: dict[str, Any], overrides: list[str
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(diff),
         "packages": _versions(),
+        "uv_lock": lock_info(),
         "device": device_info(device),
         "processes": processes,
         "dataset_fingerprint": dataset_fingerprint,
