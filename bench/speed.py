@@ -46,6 +46,8 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str], steps: int = 6, 
     """`steps` training steps of one qlora-lab variant through the project's own model build and step."""
     import torch
 
+    from qlora_lab.data.batching import Collator
+    from qlora_lab.data.tokenize import Example
     from qlora_lab.memory.ledger import predict
     from qlora_lab.model import build_model
     from qlora_lab.train.optim import build_optimizer
@@ -60,12 +62,13 @@ def worker(shape: str, bs: int, seq: int, overrides: list[str], steps: int = 6, 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = build_optimizer(params, spec.cfg.optim, "cuda")
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randint(0, model.config.vocab_size, (bs, seq), device="cuda", generator=g)
-    batch = {"input_ids": x, "labels": x, "attention_mask": torch.ones_like(x), "row": torch.arange(bs)}
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, model.config.vocab_size, (bs, seq), generator=g).tolist()
+    batch = [Example(input_ids=r, labels=r, row=i) for i, r in enumerate(rows)]  # fixed rows: every token a label
+    collator = Collator(pad_id=0)
 
     def step() -> float:
-        result = forward_backward(built.engine, params, [batch], "cuda")
+        result = forward_backward(built.engine, params, [batch], collator, "cuda")
         opt.step()
         opt.zero_grad(set_to_none=True)
         return result.loss

@@ -6,18 +6,23 @@ import torch
 
 from qlora_lab.core.dtypes import torch_dtype
 from qlora_lab.core.schema import ModelConfig
+from qlora_lab.model.attention import PACKED, register
 from qlora_lab.model.kernels import apply_kernels
 
 
-def load_model(path: str, m: ModelConfig, bnb_config, device: str) -> torch.nn.Module:
+def load_model(path: str, m: ModelConfig, bnb_config, device: str, packed: bool = False) -> torch.nn.Module:
+    """`packed`: attention over packed rows, documents isolated (model/attention.py) instead of
+    model.attn_implementation."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     apply_kernels(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code), m)
+    if packed:
+        register()
     model = AutoModelForCausalLM.from_pretrained(
         path,
         quantization_config=bnb_config,
         dtype=torch_dtype(m.dtype),
-        attn_implementation=str(m.attn_implementation),
+        attn_implementation=PACKED if packed else str(m.attn_implementation),
         # one device (this process's GPU under torchrun); the weights are quantized as they stream in
         device_map={"": torch.cuda.current_device() if device == "cuda" else device},
         trust_remote_code=m.trust_remote_code,

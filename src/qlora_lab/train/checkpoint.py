@@ -45,7 +45,7 @@ FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.
 # lr/schedule length, device, ...) is allowed and the differences are printed and recorded in run_info.json.
 MUST_MATCH = ("model.", "quantization.", "lora.", "data.source", "data.path", "data.config_name", "data.split",
               "data.eval_fraction", "data.max_eval_rows", "data.mask_prompt", "data.shuffle", "data.num_rows",
-              "optim.name", "seed")
+              "data.packing", "optim.name", "seed")
 # Same math, other kernels: allowed (and noted) although they sit under a MUST_MATCH prefix. (The FSDP storage
 # dtype of 4-bit weights changes their packing, not their values.)
 NUMERICS_ONLY = ("model.kernels", "model.compile", "model.attn_implementation", "quantization.quant_storage")

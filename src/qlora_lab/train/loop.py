@@ -19,8 +19,7 @@ import torch
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.errors import TrainingInterrupted
 from qlora_lab.core.spec import RunSpec
-from qlora_lab.data.batching import BatchStream
-from qlora_lab.data.tokenize import Example
+from qlora_lab.data.batching import BatchStream, Collator
 from qlora_lab.memory.readings import PhaseReadings, memory_now, reset_peak, synchronize
 from qlora_lab.model import BuiltModel
 from qlora_lab.sinks.logger import MetricLogger
@@ -54,15 +53,23 @@ class Progress:
                                  refresh=False)
             self.bar.update(1)
 
+    def write(self, line: str) -> None:
+        """A console line that does not tear the progress bar."""
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 
 
-def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spec: RunSpec, logger: MetricLogger,
-          phases: PhaseReadings, *, run_dir: Path, checkpointer: ckpt_io.Checkpointer | None = None,
+def train(built: BuiltModel, items: list, collator: Collator, evaluator: Evaluator, spec: RunSpec,
+          logger: MetricLogger, phases: PhaseReadings, *, run_dir: Path, checkpointer: ckpt_io.Checkpointer | None = None,
           resume_from: Path | None = None, dist: Dist = Dist()) -> dict[str, Any]:
-    """Run the loop; returns the summary metrics.
+    """Run the loop over the training `items` (examples, or packed rows of examples, as `collator` makes batches of
+    them); returns the summary metrics.
 
     `phases` holds the memory readings of the phases before training; the first step adds its own (first forward,
     backward, optimizer step) and logs them all with step 1. With `resume_from`, adapter, optimizer, scheduler, RNG,
@@ -70,13 +77,13 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
     """
     cfg, device = spec.cfg, spec.device
     model, engine = built.model, built.engine
-    micro_batch, pad_id = int(cfg.data.micro_batch_size), built.tokenizer.pad_token_id
-    steps = total_steps(cfg.optim, len(train_set), micro_batch)
+    micro_batch = int(cfg.data.micro_batch_size)
+    steps = total_steps(cfg.optim, len(items), micro_batch)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps)
     clip = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-    stream = BatchStream(train_set, micro_batch, pad_id, shuffle=cfg.data.shuffle, seed=cfg.seed, world=dist.world)
+    stream = BatchStream(items, micro_batch, shuffle=cfg.data.shuffle, seed=cfg.seed, world=dist.world)
     state = TrainState(wandb_id=logger.run_id)
     if resume_from is not None:
         saved = ckpt_io.load(resume_from, model, optimizer, scheduler, dist)
@@ -93,6 +100,17 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
         return checkpointer.save(state.step, model, optimizer, scheduler,
                                  {"data": stream.state(), "trainer": state.to_checkpoint()})
 
+    def evaluate(step: int) -> dict[str, float]:
+        state.eval, samples = evaluator.run(model, engine)
+        if samples:
+            logger.table("eval/samples", samples, step)
+        if dist.main:
+            progress.write(f"qlora-lab: eval @ step {step}: " + ", ".join(f"{k.split('/', 1)[1]} {v:.4g}"
+                                                                        for k, v in state.eval.items()))
+        return state.eval
+
+    if resumed_from == 0 and evaluator.cfg.at_start and evaluator.eval_set:
+        logger.log(evaluate(0), 0)  # the baseline: what the model does before any update
     model.train()
     with StopRequest(cfg.save.on_signal) as stop:
         for step in range(resumed_from + 1, steps + 1):
@@ -100,14 +118,14 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
             synchronize(device)
             t0 = time.perf_counter()
             window = stream.take(cfg.optim.grad_accum_steps)
-            result = step_mod.forward_backward(engine, params, [b for _, b in window], device, dist,
+            result = step_mod.forward_backward(engine, params, [b for _, b in window], collator, device, dist,
                                                phases if first else None)
             if result.finite:
                 torch.nn.utils.clip_grads_with_norm_(params, clip, result.norm)
                 optimizer.step()
                 state.last_finite_loss = result.loss
             else:  # writes the diagnostic, then returns (skip the update) or raises (stop the run)
-                rows = sorted(int(r) for _, b in window for r in b["row"])
+                rows = sorted(e.row for _, b in window for e in collator.examples(b))
                 guard.handle(model, step, rows, result, state, scheduler.get_last_lr()[0])
             scheduler.step()
             # Free the gradients now rather than at the next backward: no need for this memory any more.
@@ -128,7 +146,8 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
                 "train/loss": result.loss,
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/grad_norm": result.grad_norm,
-                "train/tokens_per_s": result.tokens / dt,
+                "train/tokens_per_s": result.tokens / dt,  # real tokens: padding is not counted
+                "train/fill_fraction": result.tokens / max(result.capacity, 1),  # real tokens / tokens computed
                 "train/step_time_s": dt,
                 "train/tokens": state.tokens_seen,
                 "train/epoch": window[-1][0],
@@ -143,12 +162,9 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
                 metrics["memory/alloc_retries"] = mem["alloc_retries"]
             evaluated = evaluator.due(step, steps)
             if evaluated:
-                state.eval, samples = evaluator.run(model, engine)
-                metrics.update(state.eval)
+                metrics.update(evaluate(step))
             if evaluated or step % cfg.logger.log_every == 0 or step == steps:
                 logger.log(metrics, step)
-            if evaluated and samples:
-                logger.table("eval/samples", samples, step)
             progress.update(result.loss, result.tokens / dt, mem["peak_allocated_gib"])
 
             # Processes may see a signal at different steps; they stop together at the first step any saw it.

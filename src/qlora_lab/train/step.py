@@ -16,9 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from qlora_lab.core.dist import Dist
-from qlora_lab.data.batching import shard_batch
+from qlora_lab.data.batching import Collator, share
 from qlora_lab.data.tokenize import IGNORE_INDEX
 from qlora_lab.memory.readings import PhaseReadings
+
+# What the model's forward takes from a batch (the rest, e.g. `row` and `real_tokens`, is bookkeeping).
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
+                "max_length_q", "max_length_k")
 
 
 def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
@@ -27,21 +31,32 @@ def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of the batch's real rows (not of a process's stand-in row, see `shard_batch`)."""
+    """Real tokens of the batch: not padding, not a process's stand-in row (see `Collator.stand_in`)."""
+    if "real_tokens" in batch:
+        return int(batch["real_tokens"].sum())
     return int(batch["attention_mask"][batch["row"] >= 0].sum())
+
+
+def model_inputs(batch: dict[str, torch.Tensor], device: str) -> dict:
+    if "cu_seq_lens_q" in batch and "attention_mask" in batch:
+        raise ValueError("a packed batch with an attention_mask: a padding mask would stand in for the document "
+                         "boundaries; packed batches carry cu_seq_lens and no attention_mask")
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k in MODEL_INPUTS}
+    if "cu_seq_lens_q" in inputs:  # one tensor for both (varlen kernels may check identity; one mask is built)
+        inputs["cu_seq_lens_k"] = inputs["cu_seq_lens_q"]
+    return inputs
 
 
 def forward_loss(model, batch: dict[str, torch.Tensor], device: str, num_items: int) -> torch.Tensor:
     """Sum of token losses of `batch` divided by `num_items` (the accumulation window's label tokens)."""
-    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                labels=batch["labels"].to(device), num_items_in_batch=num_items)
-    return out.loss
+    return model(**model_inputs(batch, device), num_items_in_batch=num_items).loss
 
 
 @dataclass
 class StepResult:
     loss: float  # the window's mean loss per label token, over every process
     tokens: int  # real tokens of the window, over every process
+    capacity: int  # tokens the window's batches hold, padding included, over every process
     grad_norm: float  # of all LoRA gradients, before clipping
     norm: torch.Tensor  # the same, as the tensor clipping takes
 
@@ -50,16 +65,18 @@ class StepResult:
         return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
 
 
-def forward_backward(engine, params: list[torch.nn.Parameter], window: list[dict[str, torch.Tensor]], device: str,
+def forward_backward(engine, params: list[torch.nn.Parameter], window: list[list], collator: Collator, device: str,
                      dist: Dist = Dist(), phases: PhaseReadings | None = None) -> StepResult:
-    """Gradients of one optimizer step's window (global micro-batches; this process trains on its share of each).
+    """Gradients of one optimizer step's window: its global micro-batches (lists of items), of which this process
+    collates and trains on its share.
 
     `phases` (the first step only) reads memory after the first forward and the first backward.
     """
-    num_items = max(sum(count_label_tokens(b) for b in window), 1)
-    loss_sum, tokens = 0.0, 0
-    for micro, batch in enumerate(window):
-        batch = shard_batch(batch, dist)
+    num_items = max(sum(collator.labels(items) for items in window), 1)
+    loss_sum, tokens, capacity = 0.0, 0, 0
+    for micro, items in enumerate(window):
+        mine = share(items, dist)
+        batch = collator(mine) if mine else collator.stand_in(items)
         loss = forward_loss(engine, batch, device, num_items)
         if phases is not None and micro == 0:
             phases.read("first_forward")
@@ -70,10 +87,11 @@ def forward_backward(engine, params: list[torch.nn.Parameter], window: list[dict
             phases.read("first_backward")
         loss_sum += float(loss.detach())
         tokens += count_tokens(batch)
-    loss_sum, tokens = dist.reduce([loss_sum, tokens])
+        capacity += batch["input_ids"].numel() if mine else 0
+    loss_sum, tokens, capacity = dist.reduce([loss_sum, tokens, capacity])
     # The norm before any clipping: clipping by a NaN norm would turn every gradient into NaN and the guard's
     # diagnostic could no longer say which tensors went bad.
     norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     if hasattr(norm, "full_tensor"):  # FSDP: a norm over this process's gradient shards, made whole
         norm = norm.full_tensor()
-    return StepResult(loss_sum, int(tokens), float(norm), norm)
+    return StepResult(loss_sum, int(tokens), int(capacity), float(norm), norm)

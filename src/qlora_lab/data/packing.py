@@ -1,0 +1,124 @@
+"""Padding-free packing (`data.packing=true`): tokenized rows ("documents") packed into rows of model.max_seq_len
+tokens, `data.micro_batch_size` such rows per micro-batch, so every micro-batch has the same shape and almost no
+padding, and no token attends across a document boundary.
+
+- `pack`: best-fit decreasing, once per run, from the documents' lengths alone; the packed rows are then shuffled
+  per epoch (a function of seed and epoch, like the unpacked sample order), so a resumed run replays them.
+- `collate_packed`: input ids, labels, position ids restarting at 0 for each document (RoPE sees each document as
+  if alone), and the boundaries as cumulative lengths (`cu_seq_lens_q/k`, int32, a fixed length for every batch so
+  compiled layers never recompile) that model/attention.py turns into document-isolated attention. The first
+  token of every document gets no label: the logit before it belongs to the previous document. No attention_mask.
+
+The loss is unchanged: a packed document contributes exactly the label tokens it contributes alone, and the step
+still divides by the label tokens of the whole accumulation window.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qlora_lab.data.tokenize import IGNORE_INDEX, Example
+
+
+class _Fenwick:
+    """Counts of open rows per remaining capacity 0..n; finds the k-th smallest capacity in O(log n)."""
+
+    def __init__(self, n: int):
+        self.n, self.tree = n + 1, [0] * (n + 2)
+
+    def add(self, capacity: int, delta: int) -> None:
+        i = capacity + 1
+        while i <= self.n:
+            self.tree[i] += delta
+            i += i & -i
+
+    def prefix(self, capacity: int) -> int:  # rows with remaining capacity <= `capacity`
+        i, s = min(capacity + 1, self.n), 0
+        while i > 0:
+            s += self.tree[i]
+            i -= i & -i
+        return s
+
+    def kth(self, k: int) -> int:  # the capacity of the k-th row (1-based) in capacity order
+        pos, step = 0, 1 << self.n.bit_length()
+        while step:
+            if pos + step <= self.n and self.tree[pos + step] < k:
+                pos += step
+                k -= self.tree[pos]
+            step >>= 1
+        return pos  # (pos + 1) - 1: tree index back to capacity
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: indices of `lengths` grouped into rows whose lengths sum to at most `capacity`.
+
+    Longest first; each goes into the open row it fills most tightly (the smallest remaining capacity that holds
+    it), else a new row. Deterministic (ties by index). O(n log capacity).
+    """
+    if any(n > capacity for n in lengths):
+        raise ValueError(f"a document of {max(lengths)} tokens does not fit a row of {capacity}")
+    rows: list[list[int]] = []
+    by_capacity: dict[int, list[int]] = {}  # remaining capacity -> open rows with it (last opened last)
+    fen = _Fenwick(capacity)
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        smaller = fen.prefix(n - 1) if n > 0 else 0
+        if smaller < fen.prefix(capacity):  # some open row has >= n left: take the tightest
+            cap = fen.kth(smaller + 1)
+            row = by_capacity[cap].pop()
+            fen.add(cap, -1)
+        else:
+            cap, row = capacity, len(rows)
+            rows.append([])
+        rows[row].append(i)
+        left = cap - n
+        by_capacity.setdefault(left, []).append(row)
+        fen.add(left, 1)
+    return rows
+
+
+def max_segments(rows: int, length: int) -> int:
+    """The fixed length of cu_seq_lens (minus one): every document has >= 2 tokens (it needs a label after its
+    first), and each row may end in one padding segment."""
+    return rows * (length // 2 + 1)
+
+
+def collate_packed(bins: list[list[Example]], rows: int, length: int, pad_id: int) -> dict[str, torch.Tensor]:
+    """`rows` packed rows of `length` tokens from `bins` (each a row's documents); missing rows are all padding.
+
+    The padded tail of each row is a segment of its own, so padding neither sees nor is seen by a document.
+    """
+    if len(bins) > rows:
+        raise ValueError(f"{len(bins)} packed rows for a micro-batch of {rows}")
+    ids = torch.full((rows, length), pad_id, dtype=torch.long)
+    labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((rows, length), dtype=torch.long)
+    real = torch.zeros((rows, length), dtype=torch.bool)
+    cu, source = [0], []
+    for r in range(rows):
+        o = 0
+        for doc in bins[r] if r < len(bins) else []:
+            n = len(doc.input_ids)
+            if o + n > length:
+                raise ValueError(f"documents of {o + n} tokens overflow a row of {length}")
+            ids[r, o:o + n] = torch.tensor(doc.input_ids)
+            labels[r, o + 1:o + n] = torch.tensor(doc.labels[1:])  # the first token is no target of the previous
+            positions[r, o:o + n] = torch.arange(n)
+            real[r, o:o + n] = True
+            o += n
+            cu.append(r * length + o)
+            source.append(doc.row)
+        if o < length:
+            positions[r, o:] = torch.arange(length - o)
+            cu.append((r + 1) * length)
+    total = max_segments(rows, length)
+    cu += [rows * length] * (total + 1 - len(cu))  # empty trailing segments: the same shape for every batch
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "cu_seq_lens_q": cu_t,
+            "cu_seq_lens_k": cu_t, "max_length_q": length, "max_length_k": length, "real_tokens": real,
+            "row": torch.tensor(source, dtype=torch.long)}
+
+
+def fill_fraction(bins: list[list[Example]], length: int) -> float:
+    """Real tokens over the rows' capacity."""
+    return sum(len(d.input_ids) for b in bins for d in b) / max(len(bins) * length, 1)
