@@ -27,11 +27,12 @@ class Prompt:
     reference: str  # the last assistant message: what the model should write
 
 
-def prompts_of(rows: list[dict[str, Any]], indices: list[int], tokenizer) -> list[Prompt]:
+def prompts_of(rows: list[dict[str, Any]], indices: list[int], tokenizer, system_prompt: str | None = None,
+               ) -> list[Prompt]:
     """The generation prompt and reference of each row in `indices`, rendered as training renders them."""
     out = []
     for i in indices:
-        messages = to_messages(rows[i])
+        messages = to_messages(rows[i], system_prompt)
         last = max(j for j, m in enumerate(messages) if m["role"] == "assistant")
         if tokenizer.chat_template is None:  # prompt/response rows trained as plain text: the prompt, then the answer
             text = rows[i]["prompt"]

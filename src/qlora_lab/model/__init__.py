@@ -59,7 +59,7 @@ def build_model(spec: RunSpec, source: Source | None = None, dist: Dist = Dist()
     called after load, prepare and wrap (the runner reads memory there)."""
     cfg = spec.cfg
     source = source or model_source(spec, dist)
-    model = load_model(source.path, cfg.model, build_bnb_config(cfg.quantization), spec.device)
+    model = load_model(source.path, cfg.model, build_bnb_config(cfg.quantization), spec.device, cfg.data.packing)
     on_phase("load")
     model = prepare_model(model, cfg.model, cfg.checkpointing, spec.device)
     on_phase("prepare")

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from qlora_lab.core.dist import Dist
@@ -29,3 +31,23 @@ def wrap(model: torch.nn.Module, cfg: DistributedConfig, ck: CheckpointingConfig
     # through; a static graph (the same parameters used every step, which LoRA training is) makes it work.
     return DistributedDataParallel(model, device_ids=[d.local_rank] if d.device == "cuda" else None,
                                    static_graph=ck.enabled and ck.use_reentrant)
+
+
+@contextlib.contextmanager
+def gathered_root(model: torch.nn.Module):
+    """The root's own shards (embeddings, final norm, head) gathered for calls that enter below it.
+
+    FSDP2 gathers a module's parameters in its forward hook; `generate()` enters the base model under the sharded
+    root (the PEFT model), so that hook never runs and the embedding would see DTensor shards. The decoder layers
+    are called normally and gather their own. A no-op for an unsharded model.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from qlora_lab.core.paths import SHIPPED_CONFIGS
 from qlora_lab.core.schema import ModelConfig
+from qlora_lab.model.gguf import ensure_converted, locate
 from qlora_lab.model.random_init import ensure_built
 
 
@@ -18,20 +19,26 @@ def resolve_model_path(m: ModelConfig, cache_dir: str, seed: int, device: str = 
     """The directory or hub id to load from; builds the random-init model first if the config asks for one."""
     if m.build:
         return str(ensure_built(dict(m.build), Path(cache_dir).resolve(), m.name, seed=seed, device=device))
+    if m.gguf:
+        return str(ensure_converted(m.gguf, Path(cache_dir).resolve(), m.name))
     return str(Path(m.path).expanduser()) if Path(m.path).expanduser().exists() else m.path
 
 
 def model_config(m: ModelConfig):
     """The transformers config of the model, without weights and without a download where possible.
 
-    Built shapes come from `model.build`, local checkpoints from their config.json, and the hub presets from the
-    architecture configs shipped in assets/configs (the memory-relevant fields of the published config.json).
+    Built shapes come from `model.build`, GGUF files from their metadata, local checkpoints from their
+    config.json, and the hub presets from the architecture configs shipped in assets/configs (the
+    memory-relevant fields of the published config.json).
     """
     from transformers import AutoConfig
 
     if m.build:
         build = dict(m.build)
         return AutoConfig.for_model(build.pop("model_type"), **build)
+    if m.gguf:  # the GGUF file's metadata: no conversion needed to plan
+        path = locate(m.gguf)
+        return AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
     local = Path(m.path).expanduser() / "config.json"
     if local.is_file():
         data = json.loads(local.read_text())

@@ -19,6 +19,7 @@ from qlora_lab.core.checks import config_problems
 from qlora_lab.core.dist import launched_world_size
 from qlora_lab.core.errors import ConfigError
 from qlora_lab.core.schema import TrainConfig
+from qlora_lab.model.gguf import locate
 
 
 def resolve_device(device: str) -> str:
@@ -111,6 +112,12 @@ def _device(cfg: TrainConfig) -> tuple[str, list[str]]:
 def _model(cfg: TrainConfig) -> list[str]:
     m, p = cfg.model, []
     if m.build:
+        return p
+    if m.gguf:  # converted from the GGUF file into the cache; model.path is not read
+        try:
+            locate(m.gguf)
+        except FileNotFoundError as e:
+            p.append(str(e))
         return p
     local = Path(m.path).expanduser()
     config_json = local / "config.json"

@@ -13,25 +13,29 @@ import torch
 
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.schema import EvalConfig
-from qlora_lab.data.batching import batches
+from qlora_lab.data.batching import Collator, batches
 from qlora_lab.data.tokenize import Example
 from qlora_lab.evaluation.generate import generate, prompts_of, stop_token_ids
 from qlora_lab.evaluation.metrics import METRICS, exact_match, score
+from qlora_lab.model.attention import unpacked
+from qlora_lab.model.parallel import gathered_root
 from qlora_lab.train.step import count_label_tokens, forward_loss
 
 
 @torch.no_grad()
 def evaluate_loss(model, eval_set: list[Example], micro_batch: int, pad_id: int, device: str) -> float:
-    """Mean loss per label token over `eval_set` (NaN when it is empty)."""
+    """Mean loss per label token over `eval_set` (NaN when it is empty), on padded batches of unpacked rows:
+    the same computation whether the run trains packed or not (packing changes no document's loss)."""
     if not eval_set:
         return float("nan")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for batch in batches(eval_set, micro_batch, pad_id):
-        n = count_label_tokens(batch)
-        total += float(forward_loss(model, batch, device, 1)) if n else 0.0
-        count += n
+    with unpacked(model):
+        for batch in batches(eval_set, micro_batch, Collator(pad_id)):
+            n = count_label_tokens(batch)
+            total += float(forward_loss(model, batch, device, 1)) if n else 0.0
+            count += n
     model.train(was_training)
     return total / max(count, 1)
 
@@ -40,13 +44,13 @@ class Evaluator:
     """Decides when to evaluate and computes the eval metrics; `names` lists what is measured."""
 
     def __init__(self, cfg: EvalConfig, task_metrics: list[str], rows: list[dict[str, Any]], eval_set: list[Example],
-                 tokenizer, micro_batch: int, device: str, dist: Dist = Dist()):
+                 tokenizer, micro_batch: int, device: str, dist: Dist = Dist(), system_prompt: str | None = None):
         self.cfg, self.eval_set, self.tokenizer = cfg, eval_set, tokenizer
         self.micro_batch, self.device, self.dist = micro_batch, device, dist
         self.names = list(dict.fromkeys([*cfg.metrics, *task_metrics]))  # eval's, then the task's, once each
         self.generative = [n for n in self.names if n in METRICS]
         chosen = eval_set if cfg.max_rows == 0 else eval_set[:cfg.max_rows]
-        self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer) if self.generative else []
+        self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer, system_prompt) if self.generative else []
         self.best: dict[str, float] = {}
 
     def due(self, step: int, steps: int) -> bool:
@@ -64,9 +68,14 @@ class Evaluator:
             return metrics, []
         d = self.dist
         mine = self.prompts[d.rank::d.world]
-        texts = generate(model, self.tokenizer, [p.text for p in mine], batch_size=self.cfg.batch_size,
-                         max_new_tokens=self.cfg.max_new_tokens, device=self.device,
-                         stop_ids=stop_token_ids(self.tokenizer, model), synced=d.world > 1)
+        # Every process makes the same number of generate() calls (their steps are synced): a short share is
+        # topped up with copies of the first prompt, whose outputs are dropped.
+        share = -(-len(self.prompts) // d.world)
+        texts = [p.text for p in mine] + [self.prompts[0].text] * (share - len(mine))
+        with unpacked(model), gathered_root(model):  # generation pads and caches: SDPA, whatever trains
+            texts = generate(model, self.tokenizer, texts, batch_size=self.cfg.batch_size,
+                             max_new_tokens=self.cfg.max_new_tokens, device=self.device,
+                             stop_ids=stop_token_ids(self.tokenizer, model), synced=d.world > 1)[:len(mine)]
         gathered = d.gather(list(zip((p.row for p in mine), texts)))
         predicted = dict(pair for part in gathered for pair in part)
         preds = [predicted[p.row] for p in self.prompts]
