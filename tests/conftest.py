@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # helpers.py, wandb_reader.py
 
 from helpers import CONF  # noqa: E402
 from qlora_lab.core.resolvers import register_resolvers  # noqa: E402
-from qlora_lab.core.schema import freeze, register_configs  # noqa: E402
+from qlora_lab.core.schema import register_configs  # noqa: E402
 from qlora_lab.core.spec import RunSpec  # noqa: E402
 
 register_configs()
@@ -51,12 +51,13 @@ def compose(cache_dir, tmp_path):
 
 @pytest.fixture
 def spec_of(compose):
-    """spec_of(["lora.r=8"], device="cpu") -> a RunSpec of the composed config, as the runner would build."""
+    """spec_of(["lora.r=8"], device="cpu") -> the resolved RunSpec of the composed config, as the runner makes it."""
     from omegaconf import OmegaConf
 
+    from qlora_lab.runner.resolve import resolve_spec
+
     def _spec(overrides: list[str] = (), device: str = "cpu") -> RunSpec:
-        return RunSpec(cfg=freeze(OmegaConf.to_object(compose(list(overrides) + [f"device={device}"]))),
-                       device=device, processes=1)
+        return resolve_spec(OmegaConf.to_object(compose(list(overrides) + [f"device={device}"])), device)[0]
 
     return _spec
 

@@ -72,7 +72,7 @@ def max_rel(a: dict[int, dict], b: dict[int, dict], key: str, steps) -> float:
 
 # What the multi-process tests share: 12 steps with a checkpoint at 6, no dropout (its masks depend on how rows are
 # split over processes), 4-bit weights packed as bf16 (what FSDP shards).
-DIST_COMMON = ("optim.max_steps=12", "lora.dropout=0", "save.every_steps=6", "eval.every_steps=0",
+DIST_COMMON = ("optim.max_steps=12", "lora.dropout=0", "save.every_steps=6", "eval=loss", "eval.every_steps=0",
                "quantization.quant_storage=bfloat16", "logger.progress_bar=false")
 
 

@@ -157,7 +157,7 @@ def test_dataset_shorter_than_one_batch(compose, tmp_path):
 
 STEPS, EVERY = 5, 2
 BASE = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=3", "logger=none",
-        "eval.every_steps=0", "device=cpu"]
+        "eval=loss", "eval.every_steps=0", "device=cpu"]
 
 
 def _cfg(cache_dir, out: Path, overrides: list[str]):

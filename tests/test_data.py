@@ -125,7 +125,7 @@ def test_batch_order_is_a_function_of_seed_and_epoch(compose):
     tok = _tokenizer(compose)
     rows = [{"prompt": f"first {w}", "response": w[0]} for w in ("abc", "bcd", "cde", "def", "efg")]
     exs = tokenize.build_examples(rows, tok, 64, True)
-    order = lambda s, e: [int(r) for b in batching.batches(exs, 2, 0, True, s, e) for r in b["row"]]  # noqa: E731
+    order = lambda s, e: [exs[i].row for i in batching.epoch_order(len(exs), True, s, e)]  # noqa: E731
     assert order(0, 0) == order(0, 0)
     assert sorted(order(0, 1)) == list(range(5))
     assert order(0, 0) != order(0, 1) or order(0, 0) != order(1, 0)

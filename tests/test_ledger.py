@@ -23,7 +23,7 @@ def _storage_bytes(tensors) -> dict[int, int]:
 
 
 def _loaded(compose, overrides):
-    cfg = OmegaConf.to_object(compose(overrides + ["device=cpu"]))
+    cfg = resolve_spec(OmegaConf.to_object(compose(overrides + ["device=cpu"])), "cpu")[0].cfg  # dtype auto: fp32
     path = source.resolve_model_path(cfg.model, cfg.cache_dir, 0)
     model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cpu")
     return cfg, model
@@ -50,8 +50,10 @@ def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
 @pytest.mark.parametrize("overrides", [["lora.dropout=0", "lora.adapter_dtype=bfloat16"], ["lora.dropout=0"],
                                        ["lora.dropout=0.1"]])
 def test_saved_activations_per_token_match_autograd(compose, overrides):
-    """Count the bytes autograd really saves in one decoder layer, against the ledger's per-token formula."""
-    cfg, model = _loaded(compose, ["checkpointing=none"] + overrides)
+    """Count the bytes autograd really saves in one decoder layer, against the ledger's per-token formula (which
+    describes a CUDA step: bf16 compute, what dtype=auto is there)."""
+    cfg, model = _loaded(compose, ["checkpointing=none", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16"]
+                         + overrides)
     model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora)
     layer = model.base_model.model.model.layers[1]
     captured = {}

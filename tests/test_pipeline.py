@@ -98,9 +98,17 @@ def test_eval_mode_does_not_break_cpu_4bit_gradients(tiny):
         torch.testing.assert_close(after[name], before[name], msg=name)
 
 
-def test_target_module_that_matches_nothing_names_the_real_ones(tiny):
+def test_target_module_that_matches_nothing_names_the_real_ones(spec_of):
+    """The adapt stage's own message (a config is refused earlier, from the meta-device model: test_bad_inputs.py)."""
+    import dataclasses
+
+    from qlora_lab.model import adapt, model_source
+    from qlora_lab.model.load import load_model
+
+    spec = spec_of()
+    base = load_model(model_source(spec).path, spec.cfg.model, None, "cpu")
     with pytest.raises(ValueError) as e:
-        tiny(["lora.target_modules=[qkv_proj]"])
+        adapt.wrap_model(base, dataclasses.replace(spec.cfg.lora, target_modules=["qkv_proj"]))
     assert "q_proj" in str(e.value) and "matches no module" in str(e.value)
 
 
@@ -121,8 +129,9 @@ def test_fused_lora_matches_peft(tiny, dropout):
     the fused path adds inside the GEMM's fp32 accumulator, so the reference for accuracy is PEFT with fp32
     adapters (what the default config trains with).
     """
-    def run(kernel: str, dtype: str = "bfloat16"):
+    def run(kernel: str, dtype: str = "bfloat16"):  # bf16 compute, as on CUDA (dtype=auto is fp32 on the CPU)
         _, model, _, batch = tiny([f"lora.kernel={kernel}", f"lora.adapter_dtype={dtype}", f"lora.dropout={dropout}",
+                                   "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
                                    "checkpointing=none"])
         randomize_lora_b(model)  # non-zero B, so the LoRA path carries signal both ways
         torch.manual_seed(3)

@@ -16,7 +16,8 @@ from qlora_lab.train import checkpoint
 from wandb_reader import read_runs
 
 STEPS, EVERY = 30, 4
-ARGS = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=2", "eval.every_steps=10"]
+ARGS = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=2", "eval=loss",
+        "eval.every_steps=10"]
 EXACT = ("train/loss", "train/grad_norm", "train/lr", "train/tokens", "train/epoch", "eval/loss")
 
 
@@ -115,7 +116,7 @@ def test_auto_micro_batch_is_recorded_as_the_integer_that_ran_and_resumes_with_i
 
     out = tmp_path / "run"
     args = ["plan.gpu_memory_gib=1", "plan.max_micro_batch=8", "optim.max_steps=4", "save.every_steps=2",
-            "logger=none", "eval.every_steps=0"]
+            "logger=none", "eval=loss"]
     summary = run(compose(args + ["data.micro_batch_size=auto"], out=out))
     info = json.loads((out / "run_info.json").read_text())
     mb = info["config"]["data"]["micro_batch_size"]

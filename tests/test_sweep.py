@@ -19,7 +19,7 @@ from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.sweep import _take_gpu
 from wandb_reader import read_run
 
-COMMON = ["checkpointing=none", "optim.max_steps=3", "optim.warmup_steps=0", "eval.every_steps=0"]
+COMMON = ["checkpointing=none", "optim.max_steps=3", "optim.warmup_steps=0", "eval=loss", "eval.every_steps=0"]
 
 
 def sweep_args(data_dir) -> list[str]:
@@ -73,7 +73,7 @@ def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
     assert {r["run"].run_group for r in runs.values()} == {"sweep"}
     assert set(runs["0"]["run"].tags) == {"data.micro_batch_size=192", f"data.path={data_dir}/clean.jsonl"[:64],
                                           "checkpointing=none", "optim.max_steps=3", "optim.warmup_steps=0",
-                                          "eval.every_steps=0"}
+                                          "eval=loss", "eval.every_steps=0"}
     assert runs["0"]["config"]["data.micro_batch_size"] == 192 and runs["0"]["config"]["lora.r"] == 16
     for key in ("summary/peak_memory_gib", "summary/tokens_per_s", "summary/final_loss", "summary/eval_loss"):
         assert key in runs["0"]["summary"]

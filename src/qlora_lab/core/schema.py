@@ -29,6 +29,16 @@ class DType(StrEnum):
     float32 = "float32"
 
 
+class Precision(StrEnum):
+    """The dtype weights are kept and computed in. auto: bfloat16 on CUDA, float32 on the CPU (CPUs without
+    AVX512-BF16/AMX emulate bf16 matmuls: ~15x slower than fp32 on an AVX2 machine)."""
+
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
 class Storage(StrEnum):
     """How 4-bit weights are packed: uint8, or a float dtype that FSDP can shard as it is stored."""
 
@@ -176,8 +186,11 @@ class ModelConfig(Frozen):
     # A transformers config dict to build a random-init model from (model=tiny, the benchmark shapes) instead of
     # loading a checkpoint. Empty for hub/local checkpoints.
     build: dict[str, Any] = MISSING
+    # A GGUF file (a path, or pkg:<python package>/<file>) converted once into the cache and loaded from there
+    # instead of `path`: how a real pretrained model is had offline (model=smollm2_135m). null for the others.
+    gguf: Optional[str] = MISSING
     tokenizer: Optional[str] = MISSING  # null = `path`
-    dtype: DType = MISSING  # dtype of the non-quantized weights (embeddings, norms, head)
+    dtype: Precision = MISSING  # dtype of the non-quantized weights (embeddings, norms, head)
     attn_implementation: Attention = MISSING
     max_seq_len: int = MISSING  # sequences are truncated to this many tokens
     trust_remote_code: bool = MISSING
@@ -194,7 +207,7 @@ class QuantizationConfig(Frozen):
     bits: int = MISSING  # 4, 8, or 16 (no quantization)
     quant_type: QuantType = MISSING  # 4-bit data type
     double_quant: bool = MISSING  # quantize the absmax constants too (~0.37 bit/param saved)
-    compute_dtype: DType = MISSING  # dtype the dequantized weights are multiplied in
+    compute_dtype: Precision = MISSING  # dtype the dequantized weights are multiplied in
     quant_storage: Storage = MISSING  # packing dtype of 4-bit weights; = compute_dtype for FSDP sharding
     skip_modules: list[str] = MISSING  # module names left in model.dtype
     int8_threshold: float = MISSING  # LLM.int8 outlier threshold
@@ -240,9 +253,13 @@ class DataConfig(Frozen):
     eval_fraction: float = MISSING  # share of rows held out for evaluation
     max_eval_rows: int = MISSING
     mask_prompt: bool = MISSING  # compute the loss on response tokens only
+    # A system message for rows that have none; null = none added (a chat template may then insert its own default)
+    system_prompt: Optional[str] = MISSING
     # an int, or "auto": the largest micro-batch the memory ledger predicts to fit; resolved before training
     micro_batch_size: Any = MISSING
     shuffle: bool = MISSING
+    # Pack rows into micro_batch_size rows of model.max_seq_len tokens each, documents isolated in attention
+    packing: bool = MISSING
     metrics: list[Metric] = MISSING  # metrics this dataset's task declares, measured beside eval.metrics
 
 
@@ -292,6 +309,7 @@ class EvalConfig(Frozen):
 
     name: str = MISSING  # default | loss
     every_steps: int = MISSING  # steps between evaluations (0 = only at the end)
+    at_start: bool = MISSING  # also evaluate before the first step: the baseline the run is judged against
     metrics: list[Metric] = MISSING
     max_rows: int = MISSING  # held-out rows generated on at each evaluation (0 = all of them)
     batch_size: int = MISSING  # prompts generated together

@@ -1,7 +1,12 @@
-"""The shipped synthetic task: string transforms (reverse, sort, repeat, ...) on short random words.
+"""The shipped synthetic tasks: string transforms on short random words (`first abc -> a`).
 
-Every response is a deterministic function of its prompt, so a small model can learn it and a generation can be
-scored exactly. `python -m qlora_lab.data.tasks` regenerates the shipped file after a change to the task.
+Every response is a deterministic function of its prompt, so a model can learn it and a generation can be scored
+exactly. Two files ship, each the task a model can learn in a short CPU run:
+- tiny_tasks.jsonl (data=tiny): first, last, length. The tiny random-init model learns these to ~95% exact match in
+  300 steps; reverse, sort and repeat it cannot (measured: exact match stays near 0 however long it trains).
+- string_tasks.jsonl (data=strings): upper, copy, first, last, for a real pretrained model (model=smollm2_135m:
+  0% zero-shot, ~77% after 32 steps of 8 rows).
+`python -m qlora_lab.data.tasks` regenerates both after a change to a task.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from qlora_lab.core.paths import TINY_DATA
+from qlora_lab.core.paths import ASSET_DIR, TINY_DATA
 
 _OPS = {
     "reverse": lambda w: w[::-1],
@@ -19,28 +24,33 @@ _OPS = {
     "first": lambda w: w[0],
     "last": lambda w: w[-1],
     "length": lambda w: str(len(w)),
+    "upper": lambda w: w.upper(),
+    "copy": lambda w: w,
 }
+TINY_OPS = ("first", "last", "length")
+STRING_OPS = ("upper", "copy", "first", "last")
+STRING_DATA = ASSET_DIR / "string_tasks.jsonl"
 
 
-def generate_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` prompt/response rows of the string-transform task, the same for the same seed."""
+def generate_rows(n: int, ops: tuple[str, ...], seed: int = 0) -> list[dict[str, str]]:
+    """`n` prompt/response rows of the string transforms `ops`, the same for the same seed."""
     rng = random.Random(seed)
     letters = "abcdefghij"  # a small alphabet keeps the task learnable by a tiny model
     rows = []
     for _ in range(n):
-        op = rng.choice(sorted(_OPS))
+        op = rng.choice(sorted(ops))
         word = "".join(rng.choice(letters) for _ in range(rng.randint(3, 6)))
         rows.append({"prompt": f"{op} {word}", "response": _OPS[op](word)})
     return rows
 
 
-def write_tiny_data(path: Path = TINY_DATA, n: int = 4000, seed: int = 0) -> None:
+def write_rows(path: Path, rows: list[dict[str, str]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        for row in generate_rows(n, seed):
-            f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 if __name__ == "__main__":
-    write_tiny_data()
-    print(f"wrote {TINY_DATA}")
+    write_rows(TINY_DATA, generate_rows(4000, TINY_OPS))
+    write_rows(STRING_DATA, generate_rows(2000, STRING_OPS, seed=1))
+    print(f"wrote {TINY_DATA} and {STRING_DATA}")

@@ -17,10 +17,15 @@ class Example:
     row: int  # index of the source row, so a bad batch can be traced to its rows
 
 
-def to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
+def to_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
+    """The row as chat messages; `system_prompt` (data.system_prompt) opens a conversation that has no system turn."""
     if "messages" in row:
-        return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
-    return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+        messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+    else:
+        messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
+    if system_prompt is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -28,9 +33,10 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_prompt: bool) -> Example:
+def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_prompt: bool,
+                 system_prompt: str | None = None) -> Example:
     """Render one row with the chat template; label only the assistant turns when `mask_prompt`."""
-    messages = to_messages(row)
+    messages = to_messages(row, system_prompt)
     if tokenizer.chat_template is None:
         if "messages" in row:
             raise DataError("the dataset has 'messages' rows but the tokenizer has no chat template; "
@@ -58,8 +64,9 @@ def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_
     return Example(ids[:max_len], labels[:max_len], index)
 
 
-def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool) -> list[Example]:
-    examples = [tokenize_row(r, i, tokenizer, max_len, mask_prompt) for i, r in enumerate(rows)]
+def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool,
+                   system_prompt: str | None = None) -> list[Example]:
+    examples = [tokenize_row(r, i, tokenizer, max_len, mask_prompt, system_prompt) for i, r in enumerate(rows)]
     kept = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
     if not kept:
         raise DataError(f"no row keeps a response token within model.max_seq_len={max_len}; raise it")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from qlora_lab.core.dist import launched_world_size
 from qlora_lab.core.schema import TrainConfig, freeze
-from qlora_lab.core.spec import RunSpec
+from qlora_lab.core.spec import RunSpec, get
 from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.plan import plan_run
 from qlora_lab.model.kernels import resolve_kernels
@@ -14,7 +14,7 @@ from qlora_lab.model.source import model_config
 def resolve_spec(cfg: TrainConfig, device: str, overrides: list[str] = ()) -> tuple[RunSpec, Ledger, float | None]:
     """The run spec, the memory ledger of what it will run and the GPU budget that ledger was judged against.
 
-    `device` (auto), `model.kernels` (auto), `model.compile` (auto) and `data.micro_batch_size` (auto: the largest
+    `device` (auto), `model.dtype` and `quantization.compute_dtype` (auto), `model.kernels` (auto), `model.compile` (auto) and `data.micro_batch_size` (auto: the largest
     the ledger predicts to fit) are resolved here, from the config and the machine alone: nothing is loaded. On
     CUDA an auto micro-batch is then proven with one real step once the model is built (`runner.run`), which may
     halve it; that is the spec's last change, made before anything is recorded or trained.
@@ -24,6 +24,9 @@ def resolve_spec(cfg: TrainConfig, device: str, overrides: list[str] = ()) -> tu
     target = "cuda" if cfg.mode == "plan" else device
     if cfg.device == "auto":
         spec = spec.evolve("device", device)
+    for key in ("model.dtype", "quantization.compute_dtype"):
+        if get(cfg, key) == "auto":  # bf16 where it is native (CUDA); fp32 where bf16 is emulated (the CPU)
+            spec = spec.evolve(key, "bfloat16" if target == "cuda" else "float32")
     if cfg.model.kernels == "auto":
         spec = spec.evolve("model.kernels", resolve_kernels(cfg.model, model_config(cfg.model).model_type, target))
     if cfg.model.compile == "auto":  # Triton codegen where it pays (CUDA); the CPU would pay minutes of compile

@@ -29,8 +29,10 @@ from qlora_lab.core.errors import Status
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
+from qlora_lab.data.batching import Collator
+from qlora_lab.data.packing import fill_fraction, pack
 from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
-from qlora_lab.data.tokenize import build_examples
+from qlora_lab.data.tokenize import Example, build_examples
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.readings import PhaseReadings, reset_peak
@@ -137,8 +139,10 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         reset_peak(device)
         source = model_source(spec, dist)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
-        examples = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt)
+        examples = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt,
+                                  cfg.data.system_prompt)
         train_set, eval_set = split_eval(examples, cfg.data, cfg.seed)
+        items, collator = batching(spec, train_set, source.tokenizer.pad_token_id, dist.main)
         built = build_model(spec, source, dist, phases.read)
         if "data.micro_batch_size" in spec.resolved and device == "cuda" and ckpt is None:
             spec, ledger = _prove_micro_batch(spec, ledger, built)
@@ -159,8 +163,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
 
         checkpointer = checkpoint.Checkpointer(out_dir, cfg.save.keep_last, spec.config(), data_fingerprint, dist)
         evaluator = Evaluator(cfg.eval, list(cfg.data.metrics), rows, eval_set, built.tokenizer,
-                              int(spec.cfg.data.micro_batch_size), device, dist)
-        summary = train(built, train_set, evaluator, spec, logger, phases, run_dir=out_dir,
+                              int(spec.cfg.data.micro_batch_size), device, dist, cfg.data.system_prompt)
+        summary = train(built, items, collator, evaluator, spec, logger, phases, run_dir=out_dir,
                         checkpointer=checkpointer, resume_from=ckpt, dist=dist)
         adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
         if not dist.main:
@@ -194,6 +198,19 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
     finally:
         if logger is not None:
             logger.close()
+
+
+def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool) -> tuple[list, Collator]:
+    """What the loop draws micro-batches of: the examples themselves, padded per micro-batch; or, with
+    data.packing, rows of model.max_seq_len tokens packed with whole examples, micro_batch_size rows a batch."""
+    if not spec.cfg.data.packing:
+        return train_set, Collator(pad_id)
+    length = spec.cfg.model.max_seq_len
+    bins = [[train_set[i] for i in row] for row in pack([len(e.input_ids) for e in train_set], length)]
+    if verbose:
+        print(f"qlora-lab: packed {len(train_set)} rows into {len(bins)} rows of {length} tokens "
+              f"(fill {fill_fraction(bins, length):.1%})")
+    return bins, Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
 
 
 def _failure_logger(spec: RunSpec, out_dir: Path) -> MetricLogger | None:
