@@ -75,14 +75,19 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def slug(name: str) -> str:
+    """A file name for a table row: letters, digits, '_' and '-' only."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in name).strip("_")
+
+
 def train_run(name: str, overrides: list[str], out: Path, timeout: int) -> dict:
-    run_dir = out / name
+    run_dir = out / slug(name)
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=none", "eval=loss", "eval.every_steps=0",
            "save.every_steps=0", "data.max_eval_rows=8", "logger.progress_bar=false", f"hydra.run.dir={run_dir}"]
     t = time.time()
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    (out / f"{name}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
+    (out / f"{slug(name)}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
     summary = run_dir / "summary.json"
     if res.returncode != 0 or not summary.is_file():
         return {"stack": name, "error": f"exit {res.returncode}: " + " | ".join(res.stderr.strip().splitlines()[-2:])}
@@ -96,7 +101,7 @@ def train_run(name: str, overrides: list[str], out: Path, timeout: int) -> dict:
 
 def peer_run(name: str, cmd: list[str], out: Path, timeout: int) -> dict:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    (out / f"{name}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
+    (out / f"{slug(name)}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
     if not lines:
         return {"stack": name, "error": " | ".join(res.stderr.strip().splitlines()[-2:])}

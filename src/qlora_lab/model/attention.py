@@ -66,7 +66,7 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                          "are trained without a cache (model.config.use_cache=false)")
     kv_heads = key.shape[1]
     p = dropout if module.training else 0.0
-    if query.is_cuda and varlen_attn is not None and p == 0.0:
+    if query.is_cuda and varlen_attn is not None and p == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
         q = query.transpose(1, 2).reshape(rows * length, heads, dim)
         k = key.transpose(1, 2).reshape(rows * length, kv_heads, dim)
         v = value.transpose(1, 2).reshape(rows * length, kv_heads, dim)
