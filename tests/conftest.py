@@ -73,7 +73,7 @@ def tiny(spec_of):
         torch.manual_seed(seed)  # the LoRA init
         built = build_model(spec, **build_kwargs)
         examples = tokenize.build_examples(rows.read_rows(spec.cfg.data)[:8], built.tokenizer,
-                                           spec.cfg.model.max_seq_len, True)
+                                           spec.cfg.model.max_seq_len, True).examples
         return spec.cfg, built.model, built.tokenizer, batching.collate(examples, built.tokenizer.pad_token_id)
 
     return _build

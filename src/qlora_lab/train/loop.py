@@ -160,6 +160,7 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
                 where = checkpoint()
                 raise TrainingInterrupted(
                     f"stopped by {StopRequest.name(signum)} after step {step}"
-                    + (f"; checkpoint {where}; continue with resume=auto hydra.run.dir={run_dir}" if where else ""))
+                    + (f"; checkpoint {where}; continue with resume=auto hydra.run.dir={run_dir}" if where else
+                       "; no checkpoint was written (no checkpointer)"))
     progress.close()
     return state.summary(steps, resumed_from, dist.world)
