@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -31,18 +30,10 @@ def _run(cache_dir, out: Path, overrides: list[str]):
     return run(compose_run(cache_dir, out, BASE + overrides), overrides=overrides)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    _run(cache_dir, out, [])
-    return out
-
-
 @pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished_run, dst)
-    return dst
+def run_copy(module_run, copy_run) -> Path:
+    """A copy of one real run with checkpoints (trained once for this file), per case."""
+    return copy_run(module_run(BASE))
 
 
 def test_corrupted_checkpoint(run_copy, cache_dir):

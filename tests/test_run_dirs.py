@@ -42,18 +42,15 @@ def _files(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("finished") / "run"
-    _run(cache_dir, out, [])
-    return out
+@pytest.fixture
+def finished(module_run) -> Path:
+    """A finished run with checkpoints at steps 1-3 (trained once for this file); never changed by a test."""
+    return module_run(BASE)
 
 
 @pytest.fixture
-def run_dir(finished, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished, dst)
-    return dst
+def run_dir(finished, copy_run) -> Path:
+    return copy_run(finished)
 
 
 def test_new_run_into_a_run_dir_that_holds_one_is_refused(run_dir, cache_dir):
