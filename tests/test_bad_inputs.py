@@ -16,10 +16,11 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import ROOT, fake_checkpoint
-from qlora_lab.core.errors import ConfigError, DataError
+from qlora_lab.core.errors import CheckpointError, ConfigError, DataError
 from qlora_lab.data import rows as data_rows
 from qlora_lab.memory import plan
 from qlora_lab.runner import preflight as v
+from qlora_lab.train import checkpoint
 
 # (id, overrides, the text of the one problem reported, which names the fix)
 CONFIG_CASES = [
@@ -39,6 +40,10 @@ CONFIG_CASES = [
     ("distributed_auto_micro_batch", ["distributed=ddp", "data.micro_batch_size=auto", "plan.gpu_memory_gib=80"],
      "with distributed=ddp give an integer"),
     ("plan_processes_zero", ["plan.processes=0"], "plan.processes=0 must be >= 1"),
+    ("plan_max_micro_batch_zero", ["plan.max_micro_batch=0"], "plan.max_micro_batch=0 must be >= 1"),
+    ("epochs_negative", ["optim.epochs=-1"], "optim.epochs=-1 must be >= 0"),
+    ("eval_samples_negative", ["eval.samples=-1"], "eval.samples=-1 must be >= 0"),
+    ("eval_max_rows_negative", ["eval.max_rows=-1"], "eval.max_rows=-1 must be >= 0"),
     ("quant_bits_unsupported", ["quantization.bits=3"], "must be 4, 8 or 16"),
     ("optim_lr_zero", ["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     ("grad_accum_zero", ["optim.grad_accum_steps=0"], "optim.grad_accum_steps=0 must be >= 1"),
@@ -223,6 +228,14 @@ def test_quantization_skip_module_that_matches_nothing(compose):
     plan.plan_run(OmegaConf.to_object(compose(["quantization.skip_modules=[lm_head]"])), "cpu")
 
 
+def test_resume_from_a_file_or_a_run_without_checkpoints(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; give a run dir or one of its checkpoints/step_"):
+        checkpoint.find(str(tmp_path / "adapter_model.safetensors"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no whole checkpoint in .*save.every_steps>0"):
+        checkpoint.find(str(tmp_path), tmp_path)
+
+
 # ---- a local checkpoint directory (model=local model.path=DIR): every file it needs, before anything loads ----
 
 def _remove(name: str):
@@ -247,6 +260,12 @@ def _lose_a_shard(d):
         "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
 
 
+def _into_an_adapter(d):  # what a run's adapter/ dir holds
+    (d / "config.json").unlink()
+    (d / "model.safetensors").rename(d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
+
+
 def _into_a_file(d):
     for f in d.iterdir():
         f.unlink()
@@ -263,6 +282,8 @@ MODEL_DIR_CASES = [
     ("truncated_weights", _truncate, "model.safetensors is truncated ("),
     ("corrupted_header", _corrupt_header, "model.safetensors has an unreadable header"),
     ("missing_shard", _lose_a_shard, "lacks 1 weight shard(s) its model.safetensors.index.json lists"),
+    ("lora_adapter", _into_an_adapter, "is a LoRA adapter (adapter_config.json), not a model; set model.path to its "
+                                       "base model (/models/base)"),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from omegaconf import OmegaConf
@@ -34,7 +35,7 @@ def test_rows_missing_fields_are_named_by_row(compose, tmp_path):
     assert "row 2 lacks 'response'" in msg
     assert "row 3 lacks 'prompt' and 'response'" in msg and "['answer', 'question']" in msg
     assert "row 4 has 'prompt' of type int" in msg
-    assert "row 5 has an empty 'response'" in msg
+    assert "row 5 has an empty (or whitespace-only) 'response'" in msg
     assert "row 6 is a list" in msg
 
 
@@ -217,3 +218,23 @@ def test_chat_template_that_refuses_a_row_names_it(compose):
     tok.chat_template = "{{ raise_exception('Conversation roles must alternate user/assistant') }}"
     with pytest.raises(DataError, match="row 4: the tokenizer's chat template refuses it .Conversation roles must"):
         tokenize.tokenize_row({"messages": [{"role": "assistant", "content": "y"}]}, 3, tok, 64, True)
+
+
+def test_whitespace_only_answers_are_bad_rows(compose, tmp_path):
+    path = write(tmp_path / "d.jsonl", [{"prompt": "a", "response": "  \n"},
+                                        {"messages": [{"role": "user", "content": "a"},
+                                                      {"role": "assistant", "content": " "}]}])
+    with pytest.raises(DataError) as e:
+        read(compose, path)
+    assert "row 1 has an empty (or whitespace-only) 'response'" in str(e.value)
+    assert "row 2 has no non-empty assistant message" in str(e.value)
+
+
+@pytest.mark.parametrize("head,needle", [(b"\x1f\x8b\x08\x00", "is gzip-compressed; decompress it first (gunzip -k"),
+                                         (b"PAR1", "is a Parquet file; write its rows as JSON lines"),
+                                         (b"PK\x03\x04", "is a zip archive")], ids=["gzip", "parquet", "zip"])
+def test_compressed_or_binary_files_are_named(compose, tmp_path, head, needle):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(head + bytes(range(256)))
+    with pytest.raises(DataError, match=re.escape(needle)):  # not "line 1 is not valid UTF-8; re-encode"
+        read(compose, path)

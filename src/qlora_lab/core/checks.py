@@ -102,6 +102,8 @@ def _optim(cfg: TrainConfig, device: str) -> list[str]:
         p.append(f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     if o.max_grad_norm < 0:
         p.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if o.epochs < 0:
+        p.append(f"optim.epochs={o.epochs} must be >= 0 (used when optim.max_steps=0)")
     if o.max_steps < 0 or (o.max_steps == 0 and o.epochs < 1):
         p.append("set optim.max_steps > 0, or optim.max_steps=0 with optim.epochs >= 1")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

@@ -28,7 +28,7 @@ def _row_problem(row: Any) -> str | None:
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
                     or not isinstance(msg.get("content"), str):
                 return f"message {j} is not an object with string 'role' and 'content'"
-        if not any(msg["role"] == "assistant" and msg["content"] for msg in msgs):
+        if not any(msg["role"] == "assistant" and msg["content"].strip() for msg in msgs):
             return "has no non-empty assistant message to learn from"
         return None
     missing = [k for k in ("prompt", "response") if k not in row]
@@ -38,8 +38,8 @@ def _row_problem(row: Any) -> str | None:
     for k in ("prompt", "response"):
         if not isinstance(row[k], str):
             return f"has {k!r} of type {type(row[k]).__name__}, expected a string"
-    if not row["response"]:
-        return "has an empty 'response'"
+    if not row["response"].strip():
+        return "has an empty (or whitespace-only) 'response'"
     return None
 
 
@@ -54,7 +54,18 @@ def check_rows(rows: list[Any], where: str) -> None:
         raise DataError(f"{len(bad)} bad row(s) in {where} (rows counted from 1):\n{lines}{more}")
 
 
+# Files that are not text at all: named by their first bytes, instead of "line 1 is not valid UTF-8".
+BINARY_FORMATS = {b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip -k FILE)",
+                  b"PAR1": "a Parquet file; write its rows as JSON lines, or load it with data=hf",
+                  b"PK\x03\x04": "a zip archive; extract the .jsonl file from it"}
+
+
 def _read_jsonl(path: Path) -> list[Any]:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for magic, what in BINARY_FORMATS.items():
+        if head.startswith(magic):
+            raise DataError(f"{path} is {what.replace('FILE', str(path))}")
     rows = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):

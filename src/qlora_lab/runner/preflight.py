@@ -158,6 +158,12 @@ def model_dir_problems(m: ModelConfig, train: bool = True) -> list[str]:
         return [f"{where} does not exist; give a checkpoint directory (config.json, tokenizer, weights) or a hub id"]
     if not local.is_dir():
         return [f"{where} is a file; give the directory that holds config.json, the tokenizer and the weights"]
+    adapter = local / "adapter_config.json"
+    if adapter.is_file() and not (local / "config.json").is_file():  # a run's adapter/ dir, taken for a model
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        return [f"{where} is a LoRA adapter (adapter_config.json), not a model; set model.path to its base model"
+                + (f" ({base})" if base else "") + ", and to train this adapter on, resume from its run "
+                "(resume=<run dir>)"]
     p = []
     if not (local / "config.json").is_file():
         p.append(f"{where} has no config.json; point it at a saved checkpoint directory")

@@ -244,6 +244,8 @@ def find(resume: str, run_dir: Path) -> Path | None:
     if not path.exists():
         raise CheckpointError(f"resume={resume}: no such file or directory; give a run dir, one of its "
                               f"checkpoints/{PREFIX}* dirs, or resume=auto")
+    if not path.is_dir():  # e.g. the adapter's .safetensors file: a checkpoint is a directory of several files
+        raise CheckpointError(f"resume={resume} is a file; give a run dir or one of its checkpoints/{PREFIX}* dirs")
     if path.name.startswith(PREFIX) and path.parent.name == CKPT_DIR:
         why = verify(path)
         if why:
