@@ -72,6 +72,9 @@ def test_overwrite_moves_the_old_run_aside(run_dir, cache_dir):
     assert _files(moved) == before  # the whole earlier run, byte for byte
     assert [r["step"] for r in records(run_dir)] == [1, 2]
     assert [r["step"] for r in records(moved)] == list(range(1, STEPS + 1))
+    # what truncation did to the rows rides on step 1's record and the summary (the shipped rows fit)
+    assert records(run_dir)[0]["data/rows"] == 4000 and records(run_dir)[0]["data/dropped_rows"] == 0
+    assert summary["summary/dropped_rows"] == summary["summary/truncated_rows"] == 0
     assert rundir.held_run(moved) and "replaced" not in rundir.RUN_FILES
 
 
