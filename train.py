@@ -9,10 +9,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from qlora_lab.core.errors import EXPECTED, exit_code
+from qlora_lab.core.errors import EXPECTED, RunDirInUse, exit_code
 from qlora_lab.core.resolvers import register_resolvers
 from qlora_lab.core.schema import register_configs
-from qlora_lab.runner import sweep
+from qlora_lab.runner import rundir, sweep
 from qlora_lab.runner.run import run
 
 register_configs()
@@ -38,11 +38,18 @@ def main(cfg: DictConfig) -> float:
             print(f"qlora-lab: sweep interrupted; jobs so far:\n{table}", file=sys.stderr)
             sys.exit(130)
         return record.get("summary/final_loss", float("nan"))
+    run_dir = Path(hc.runtime.output_dir)
     try:
         summary = run(cfg, overrides=overrides)
     except EXPECTED as e:  # the message says what happened and what to do; a traceback adds nothing
+        # A command refused before it wrote anything leaves no run dir behind (nor touches the run it refused).
+        rundir.forget_launch(run_dir, refused=isinstance(e, RunDirInUse))
         print(f"qlora-lab: {str(e) or 'interrupted'}", file=sys.stderr)
         sys.exit(exit_code(e))
+    except BaseException:
+        rundir.forget_launch(run_dir)
+        raise
+    rundir.settle_hydra_record(run_dir)
     return summary.get("summary/final_loss", float("nan"))  # what a sweeper optimizes
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # helpers.py, wandb_reader.py
 
-from helpers import CONF  # noqa: E402
+from helpers import CONF, compose_run  # noqa: E402
 from qlora_lab.core.resolvers import register_resolvers  # noqa: E402
 from qlora_lab.core.schema import register_configs  # noqa: E402
 from qlora_lab.core.spec import RunSpec  # noqa: E402
+from qlora_lab.runner.run import run  # noqa: E402
 
 register_configs()
 register_resolvers()
@@ -32,6 +34,32 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def module_run(tmp_path_factory, cache_dir):
+    """module_run(overrides) -> the dir of a real in-process run with `overrides`, trained once per test module."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def _run(overrides: list[str]) -> Path:
+        if tuple(overrides) not in runs:
+            out = tmp_path_factory.mktemp("run") / "run"
+            run(compose_run(cache_dir, out, list(overrides)), overrides=list(overrides))
+            runs[tuple(overrides)] = out
+        return runs[tuple(overrides)]
+
+    return _run
+
+
+@pytest.fixture
+def copy_run(tmp_path):
+    """copy_run(run_dir) -> a copy at tmp_path/run to damage or continue; the original stays for the next test."""
+
+    def _copy(src: Path) -> Path:
+        shutil.copytree(src, tmp_path / "run")
+        return tmp_path / "run"
+
+    return _copy
 
 
 @pytest.fixture
@@ -74,7 +102,7 @@ def tiny(spec_of):
         torch.manual_seed(seed)  # the LoRA init
         built = build_model(spec, **build_kwargs)
         examples = tokenize.build_examples(rows.read_rows(spec.cfg.data)[:8], built.tokenizer,
-                                           spec.cfg.model.max_seq_len, True)
+                                           spec.cfg.model.max_seq_len, True).examples
         return spec.cfg, built.model, built.tokenizer, batching.collate(examples, built.tokenizer.pad_token_id)
 
     return _build

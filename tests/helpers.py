@@ -90,3 +90,25 @@ def launch(args: list[str], cache_dir: Path, run_dir: Path, processes: int | Non
         why = [x for x in res.stderr.splitlines() if any(k in x for k in ("Error", "terminate", "rank", "what()"))]
         pytest.fail(f"exit {res.returncode}\n" + "\n".join(why[-40:]) + "\n--- stderr tail ---\n" + res.stderr[-3000:])
     return res
+
+
+def compose_run(cache_dir, out: Path, overrides: list[str]):
+    """The config train.py would compose for `overrides`, with the run dir at `out` (for in-process runs)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=[f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=t",
+                                                       "sweep_id=null", "logger.progress_bar=false", *overrides])
+
+
+def fake_checkpoint(path: Path, max_positions: int = 2048) -> Path:
+    """A directory that looks like a saved checkpoint to the file checks (config.json, tokenizer.json and a
+    well-formed safetensors file); nothing in it is loadable as a model."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": max_positions}))
+    (path / "tokenizer.json").write_text("{}")
+    save_file({"w": torch.zeros(4, 4)}, str(path / "model.safetensors"))
+    return path

@@ -1,29 +1,26 @@
 """The bad-input catalogue (docs/bad_inputs.md): each case gets a clear error naming the fix, before any model
 loads where the input allows, and nothing already written is lost. Cases tested elsewhere are referenced from
-the docs table; `test_every_catalogued_case_has_its_test` keeps table and tests in step."""
+the docs table; `test_every_catalogued_case_has_its_test` keeps table and tests in step. Real runs that fail
+(checkpoints, resume, NaN) are in test_bad_runs.py, run dirs, restarts and signals in test_run_dirs.py."""
 
 from __future__ import annotations
 
-import errno
 import json
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from helpers import CONF, ROOT
-from qlora_lab.core.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
-from qlora_lab.core.paths import TINY_DATA
+from helpers import ROOT, fake_checkpoint
+from qlora_lab.core.errors import CheckpointError, ConfigError, DataError
 from qlora_lab.data import rows as data_rows
 from qlora_lab.memory import plan
 from qlora_lab.runner import preflight as v
-from qlora_lab.runner.run import run
 from qlora_lab.train import checkpoint
-from qlora_lab.train import step as step_mod
-from qlora_lab.train.optim import build_optimizer, build_scheduler
 
 # (id, overrides, the text of the one problem reported, which names the fix)
 CONFIG_CASES = [
@@ -43,6 +40,10 @@ CONFIG_CASES = [
     ("distributed_auto_micro_batch", ["distributed=ddp", "data.micro_batch_size=auto", "plan.gpu_memory_gib=80"],
      "with distributed=ddp give an integer"),
     ("plan_processes_zero", ["plan.processes=0"], "plan.processes=0 must be >= 1"),
+    ("plan_max_micro_batch_zero", ["plan.max_micro_batch=0"], "plan.max_micro_batch=0 must be >= 1"),
+    ("epochs_negative", ["optim.epochs=-1"], "optim.epochs=-1 must be >= 0"),
+    ("eval_samples_negative", ["eval.samples=-1"], "eval.samples=-1 must be >= 0"),
+    ("eval_max_rows_negative", ["eval.max_rows=-1"], "eval.max_rows=-1 must be >= 0"),
     ("quant_bits_unsupported", ["quantization.bits=3"], "must be 4, 8 or 16"),
     ("optim_lr_zero", ["optim.lr=0"], "optim.lr=0.0 must be > 0"),
     ("grad_accum_zero", ["optim.grad_accum_steps=0"], "optim.grad_accum_steps=0 must be >= 1"),
@@ -59,6 +60,30 @@ CONFIG_CASES = [
     ("save_every_negative", ["save.every_steps=-5"], "save.every_steps=-5 must be >= 0"),
     ("keep_last_zero", ["save.keep_last=0"], "save.keep_last=0 must be >= 1"),
     ("resume_path_missing", ["resume=/nonexistent/run"], "or resume=auto"),
+    ("optim_eps_negative", ["optim.eps=-1"], "optim.eps=-1.0 must be > 0"),
+    ("seed_negative", ["seed=-1"], "seed=-1 must be >= 0"),
+    ("weight_decay_negative", ["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
+    ("warmup_negative", ["optim.warmup_steps=-1"], "optim.warmup_steps=-1 must be >= 0"),
+    ("max_grad_norm_negative", ["optim.max_grad_norm=-1"], "(0 disables clipping)"),
+    ("eval_every_negative", ["eval.every_steps=-1"], "eval.every_steps=-1 must be >= 0"),
+    ("eval_batch_zero", ["eval.batch_size=0"], "eval.batch_size=0 must be >= 1"),
+    ("eval_new_tokens_zero", ["eval.max_new_tokens=0"], "eval.max_new_tokens=0 must be >= 1"),
+    ("guard_max_skips_negative", ["guard.max_skips=-1"], "guard.max_skips=-1 must be >= 0"),
+    ("safety_margin_one", ["plan.safety_margin=1.0"], "plan.safety_margin=1.0 must be in [0, 1)"),
+    ("gpu_memory_zero", ["plan.gpu_memory_gib=0"], "plan.gpu_memory_gib=0.0 must be > 0"),
+    ("max_seq_len_zero", ["model.max_seq_len=0"], "model.max_seq_len=0 must be > 0"),
+    ("max_eval_rows_negative", ["data.max_eval_rows=-1"], "data.max_eval_rows=-1 must be >= 0"),
+    ("num_rows_negative", ["data.num_rows=-1"], "data.num_rows=-1 must be >= 0"),
+    ("max_dropped_fraction_above_one", ["data.max_dropped_fraction=1.5"], "must be in [0, 1]"),
+    ("config_name_with_jsonl", ["data.config_name=default"], "a .jsonl file has no configs"),
+    ("split_with_jsonl", ["data.split=test"], "a .jsonl file is one split"),
+    ("model_path_with_built_model", ["model.path=/models/my-llama"], "use model=local model.path=/models/my-llama"),
+    ("overwrite_with_resume", ["overwrite=true", "resume=auto"], "drop one of the two"),
+    ("flash_attention_without_package", ["model.attn_implementation=flash_attention_2", "device=cpu"],
+     "use model.attn_implementation=sdpa"),
+    ("data_path_is_a_directory", ["data=jsonl", "data.path=/tmp"], "is a directory; give the .jsonl file itself"),
+    ("hf_local_dataset_missing", ["data=hf", "data.path=./no/such/dataset"], "data=hf takes a local dataset dir"),
+    ("tokenizer_path_missing", ["model.tokenizer=/nonexistent/tokenizer"], "is not a directory with tokenizer"),
 ]
 
 
@@ -75,6 +100,15 @@ COMPOSE_CASES = [
     ("device_unknown", ["device=tpu"], "Invalid value 'tpu', expected one of [auto, cpu, cuda]"),
     ("mode_unknown", ["mode=serve"], "Invalid value 'serve', expected one of [train, plan]"),
     ("guard_action_unknown", ["guard.nonfinite=ignore"], "expected one of [stop, skip]"),
+    ("eval_metric_unknown", ["eval.metrics=[loss,bleu]"], "expected one of [loss, exact_match, token_f1"),
+    ("data_source_unknown", ["data.source=csv"], "Invalid value 'csv', expected one of [jsonl, hf]"),
+    ("wandb_mode_unknown", ["logger.mode=dryrun"], "expected one of [offline, online, disabled]"),
+    ("lora_bias_unknown", ["lora.bias=some"], "expected one of [none, all, lora_only]"),
+    ("lora_init_unknown", ["lora.init=olora"], "expected one of [default, gaussian, pissa, loftq]"),
+    ("model_dtype_unknown", ["model.dtype=float8"], "expected one of [bfloat16, float16, float32]"),
+    ("upcast_unknown", ["model.upcast=some"], "expected one of [none, norms, all]"),
+    ("optimizer_unknown", ["optim.name=sgd"], "expected one of [adamw, paged_adamw_8bit]"),
+    ("overwrite_not_a_bool", ["overwrite=maybe"], "Value 'maybe' is not a valid bool"),
 ]
 
 
@@ -153,191 +187,120 @@ def test_dataset_shorter_than_one_batch(compose, tmp_path):
         data_rows.check_size(len(data_rows.read_rows(d)), d, 8)
 
 
-# ---- checkpoints and resume: one real run with checkpoints, copied per case ----
-
-STEPS, EVERY = 5, 2
-BASE = [f"optim.max_steps={STEPS}", f"save.every_steps={EVERY}", "save.keep_last=3", "logger=none",
-        "eval=loss", "eval.every_steps=0", "device=cpu"]
-
-
-def _cfg(cache_dir, out: Path, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=[f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=t",
-                                                       "sweep_id=null", "logger.progress_bar=false", *overrides])
+def test_hf_dataset_offline_and_not_cached(compose, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setattr(v, "hub_reachable", lambda: False)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as e:
+        v.validate(OmegaConf.to_object(compose(["data=hf", "data.path=someorg/some_dataset"])))
+    assert time.monotonic() - t0 < 5  # not ~20 s of retries
+    assert "not in the local datasets cache" in str(e.value) and "data=jsonl data.path=<file>" in str(e.value)
 
 
-def _run(cache_dir, out: Path, overrides: list[str]):
-    return run(_cfg(cache_dir, out, BASE + overrides), overrides=overrides)
+def test_relative_model_path_that_does_not_exist_is_not_taken_for_a_hub_id(compose, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(v, "hub_reachable", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        v.validate(OmegaConf.to_object(compose(["model=local", "model.path=models/my-llama"])))
+    assert "there is no local directory" in str(e.value) and "models/my-llama" in str(e.value)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, cache_dir) -> Path:
-    out = tmp_path_factory.mktemp("ckpt") / "run"
-    _run(cache_dir, out, [])
-    return out
+def test_unset_required_values_are_named(compose):
+    from qlora_lab.runner.run import run
+
+    with pytest.raises(ConfigError) as e:
+        run(compose(["model=local", "data=jsonl"]))  # both leave `???` in their YAML
+    assert [p.split(";")[0] for p in e.value.problems] == ["data.path is not set", "model.path is not set"]
 
 
-@pytest.fixture
-def run_copy(finished_run, tmp_path) -> Path:
-    dst = tmp_path / "run"
-    shutil.copytree(finished_run, dst)
-    return dst
+def test_lora_target_that_is_not_a_linear_layer(compose):
+    cfg = OmegaConf.to_object(compose(["lora.target_modules=[q_proj,norm]"]))
+    with pytest.raises(ConfigError) as e:
+        plan.plan_run(cfg, "cpu")  # on the meta device: PEFT would refuse only after the weights loaded
+    assert len(e.value.problems) == 1 and "'norm', a LlamaRMSNorm, which LoRA cannot adapt" in str(e.value)
 
 
-def test_corrupted_checkpoint(run_copy, cache_dir):
-    latest = checkpoint.all_checkpoints(run_copy)[-1]
-    raw = bytearray((latest / "optimizer.pt").read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # one flipped byte, same size
-    (latest / "optimizer.pt").write_bytes(bytes(raw))
-    with pytest.raises(CheckpointError) as e:
-        _run(cache_dir, run_copy, [f"resume={latest}"])
-    assert "corrupted optimizer.pt (checksum mismatch)" in str(e.value) and "step_0000002" in str(e.value)
-    # auto passes over it to the newest whole one
-    assert checkpoint.find("auto", run_copy).name == "step_0000002"
+def test_quantization_skip_module_that_matches_nothing(compose):
+    cfg = OmegaConf.to_object(compose(["quantization.skip_modules=[lm_haed]"]))
+    with pytest.raises(ConfigError, match=r"\['lm_haed'\] but model tiny has no such module, so nothing would be"):
+        plan.plan_run(cfg, "cpu")
+    plan.plan_run(OmegaConf.to_object(compose(["quantization.skip_modules=[lm_head]"])), "cpu")
 
 
-def test_truncated_or_unfinished_checkpoint(run_copy, cache_dir):
-    latest = checkpoint.all_checkpoints(run_copy)[-1]
-    data = (latest / "adapter.pt").read_bytes()
-    (latest / "adapter.pt").write_bytes(data[: len(data) // 3])
-    assert "truncated adapter.pt" in checkpoint.verify(latest)
-    (latest / "manifest.json").unlink()  # as a crash between the files and the manifest would leave it
-    assert checkpoint.verify(latest) == "has no manifest.json (its write never finished)"
-    with pytest.raises(CheckpointError, match="whole checkpoints in that run: \\['step_0000002'\\]"):
-        _run(cache_dir, run_copy, [f"resume={latest}"])
-    summary = _run(cache_dir, run_copy, ["resume=auto"])
-    assert summary["summary/resumed_from_step"] == 2 and summary["summary/status"] == "finished"
+def test_resume_from_a_file_or_a_run_without_checkpoints(tmp_path):
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file; give a run dir or one of its checkpoints/step_"):
+        checkpoint.find(str(tmp_path / "adapter_model.safetensors"), tmp_path)
+    with pytest.raises(CheckpointError, match=r"no whole checkpoint in .*save.every_steps>0"):
+        checkpoint.find(str(tmp_path), tmp_path)
 
 
-def test_checkpoint_from_another_model_or_lora_shape(run_copy, cache_dir):
-    with pytest.raises(CheckpointError) as e:
-        _run(cache_dir, run_copy, ["resume=auto", "lora.r=8", "model.build.num_hidden_layers=2"])
-    msg = str(e.value)
-    assert "lora.r: 16 -> 8" in msg and "model.build.num_hidden_layers: 4 -> 2" in msg
-    assert "rerun with the checkpoint's values" in msg
-    assert not list(run_copy.glob("metrics.rolled_back.jsonl"))  # refused before anything was touched
+# ---- a local checkpoint directory (model=local model.path=DIR): every file it needs, before anything loads ----
+
+def _remove(name: str):
+    return lambda d: (d / name).unlink()
 
 
-def test_checkpoint_adapter_of_another_shape_is_refused_on_load(run_copy, cache_dir, tiny):
-    cfg, model, _, _ = tiny(["lora.r=8"])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = build_optimizer(params, cfg.optim, "cpu")
-    with pytest.raises(CheckpointError, match="another model or LoRA shape"):
-        checkpoint.load(checkpoint.all_checkpoints(run_copy)[-1], model, opt, build_scheduler(opt, cfg.optim, 5))
+def _truncate(d):  # a copy or download cut short
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-10])
 
 
-def test_checkpoint_of_other_data_is_refused(run_copy, cache_dir, tmp_path):
-    rows = TINY_DATA.read_text().splitlines()
-    other = tmp_path / "other.jsonl"
-    other.write_text("\n".join(rows[:-1]) + "\n")  # one row fewer
-    ckpt = checkpoint.all_checkpoints(run_copy)[-1]
-    config = json.loads((ckpt / "config.json").read_text())["config"]
-    with pytest.raises(CheckpointError, match="dataset content: fingerprint"):
-        checkpoint.check_compatible(ckpt, config, "0123456789abcdef")
+def _corrupt_header(d):
+    w = d / "model.safetensors"
+    raw = bytearray(w.read_bytes())
+    raw[8:12] = b"\xff\xfe{{"
+    w.write_bytes(bytes(raw))
 
 
-def test_harmless_differences_are_allowed_and_noted(run_copy, cache_dir, capsys):
-    summary = _run(cache_dir, run_copy, ["resume=auto", "optim.max_steps=6", "logger.log_every=2"])
-    assert summary["summary/resumed_from_step"] == 4 and summary["summary/steps"] == 6
-    out = capsys.readouterr().out
-    assert "config differences, allowed" in out and "optim.max_steps: 5 -> 6" in out
-    resumes = json.loads((run_copy / "run_info.json").read_text())["resumes"]
-    assert "logger.log_every: 1 -> 2" in resumes[-1]["config_differences"]
+def _lose_a_shard(d):
+    (d / "model.safetensors").rename(d / "model-00001-of-00002.safetensors")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
 
 
-def test_resume_auto_with_nothing_to_resume_starts_fresh(cache_dir, tmp_path, capsys):
-    summary = _run(cache_dir, tmp_path / "fresh", ["resume=auto", "optim.max_steps=2"])
-    assert summary["summary/resumed_from_step"] == 0 and summary["summary/steps"] == 2
-    assert "no checkpoint in" in capsys.readouterr().out
+def _into_an_adapter(d):  # what a run's adapter/ dir holds
+    (d / "config.json").unlink()
+    (d / "model.safetensors").rename(d / "adapter_model.safetensors")
+    (d / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/models/base"}))
 
 
-def test_disk_full_while_checkpointing(cache_dir, tmp_path, monkeypatch):
-    real_write = checkpoint._write
-
-    def write(path, obj):  # the second checkpoint's optimizer file hits a full disk half way
-        if path.name == "optimizer.pt" and path.parent.name.startswith(".tmp-step_0000004"):
-            path.write_bytes(b"\0" * 100)
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_write(path, obj)
-
-    monkeypatch.setattr(checkpoint, "_write", write)
-    out = tmp_path / "run"
-    with pytest.raises(CheckpointError) as e:
-        _run(cache_dir, out, [])
-    assert "the disk is full" in str(e.value) and "resume=auto from step_0000002" in str(e.value)
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]  # no partial one left behind
-    assert checkpoint.verify(out / "checkpoints" / "step_0000002") is None
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]  # what was logged stays
-    assert json.loads((out / "summary.json").read_text())["summary/status"] == "failed_config"
+def _into_a_file(d):
+    for f in d.iterdir():
+        f.unlink()
+    d.rmdir()
+    d.write_text("weights?")
 
 
-def test_disk_full_while_saving_the_adapter(cache_dir, tmp_path, monkeypatch):
-    from peft import PeftModel
-
-    def full(self, *a, **k):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(PeftModel, "save_pretrained", full)
-    out = tmp_path / "run"
-    with pytest.raises(CheckpointError) as e:
-        _run(cache_dir, out, [])
-    assert "free space and rerun with resume=auto (checkpoint step_0000004 is whole)" in str(e.value)
-    assert not (out / "adapter").exists() and not (out / ".adapter.tmp").exists()
-
-
-# ---- non-finite loss: the guard ----
-
-def _poison(monkeypatch, steps: set[int]):
-    """Make the loss NaN on the given optimizer steps (one micro-batch per step), as a bad batch would."""
-    real, count = step_mod.forward_loss, {"n": 0}
-
-    def forward(*a, **k):
-        loss = real(*a, **k)
-        count["n"] += 1
-        return loss * float("nan") if count["n"] in steps else loss
-
-    monkeypatch.setattr(step_mod, "forward_loss", forward)
+MODEL_DIR_CASES = [
+    ("missing", shutil.rmtree, "does not exist; give a checkpoint directory"),
+    ("a_file", _into_a_file, "is a file; give the directory that holds config.json"),
+    ("no_config", _remove("config.json"), "has no config.json"),
+    ("no_tokenizer", _remove("tokenizer.json"), "has no tokenizer files"),
+    ("no_weights", _remove("model.safetensors"), "has no weights (*.safetensors or *.bin)"),
+    ("truncated_weights", _truncate, "model.safetensors is truncated ("),
+    ("corrupted_header", _corrupt_header, "model.safetensors has an unreadable header"),
+    ("missing_shard", _lose_a_shard, "lacks 1 weight shard(s) its model.safetensors.index.json lists"),
+    ("lora_adapter", _into_an_adapter, "is a LoRA adapter (adapter_config.json), not a model; set model.path to its "
+                                       "base model (/models/base)"),
+]
 
 
-def test_nonfinite_loss_stops_with_a_diagnostic(cache_dir, tmp_path, monkeypatch):
-    _poison(monkeypatch, {3})
-    out = tmp_path / "run"
-    with pytest.raises(NonFiniteLossError) as e:
-        _run(cache_dir, out, [])
-    msg = str(e.value)
-    assert "at step 3" in msg and "Lower optim.lr" in msg and "guard.nonfinite=skip" in msg
-    report = json.loads((out / "nonfinite" / "step_0000003.json").read_text())
-    assert report["step"] == 3 and len(report["sample_rows"]) == 16
-    assert report["last_finite_loss"] == pytest.approx(json.loads(
-        (out / "metrics.jsonl").read_text().splitlines()[1])["train/loss"])
-    assert report["nonfinite_grad_tensors"] == len(report["tensors"]) > 0  # NaN reached every LoRA gradient
-    assert report["nonfinite_weights"] == []  # the update was never applied
-    assert json.loads((out / "summary.json").read_text())["summary/status"] == "failed_nan"
-    guard = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "guard/action" in x]
-    assert guard[0]["guard/action"] == "stop" and guard[0]["step"] == 3
-
-
-def test_nonfinite_loss_skipped_and_training_goes_on(cache_dir, tmp_path, monkeypatch):
-    _poison(monkeypatch, {2, 4})
-    out = tmp_path / "run"
-    summary = _run(cache_dir, out, ["guard.nonfinite=skip"])
-    assert summary["summary/status"] == "finished" and summary["summary/skipped_steps"] == 2
-    assert sorted(p.name for p in (out / "nonfinite").iterdir()) == ["step_0000002.json", "step_0000004.json"]
-    from safetensors.torch import load_file
-
-    assert all(torch.isfinite(t).all() for t in load_file(out / "adapter" / "adapter_model.safetensors").values())
-
-
-def test_nonfinite_skip_gives_up_after_max_skips(cache_dir, tmp_path, monkeypatch):
-    _poison(monkeypatch, {2, 3, 4})
-    with pytest.raises(NonFiniteLossError, match="after 2 skipped steps"):
-        _run(cache_dir, tmp_path / "run", ["guard.nonfinite=skip", "guard.max_skips=2"])
+@pytest.mark.parametrize("damage,needle", [c[1:] for c in MODEL_DIR_CASES], ids=[c[0] for c in MODEL_DIR_CASES])
+def test_model_dir(compose, tmp_path, damage, needle):
+    d = fake_checkpoint(tmp_path / "ckpt")
+    damage(d)
+    with pytest.raises(ConfigError) as e:
+        v.validate(OmegaConf.to_object(compose(["model=local", f"model.path={d}", "model.max_seq_len=64"])))
+    assert len(e.value.problems) == 1 and needle in e.value.problems[0], e.value.problems
+    assert "model.path=" in e.value.problems[0]
 
 
 # ---- the catalogue and its tests stay in step ----
+
+FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES}
+
 
 def _test_exists(ref: str) -> bool:
     m = re.fullmatch(r"(test_\w+)\.py::(\w+)(?:\[([\w-]+)\])?", ref)
@@ -346,16 +309,16 @@ def _test_exists(ref: str) -> bool:
     path = Path(__file__).parent / f"{m[1]}.py"
     if not path.is_file() or not re.search(rf"^def {m[2]}\(", path.read_text(), re.M):
         return False
-    cases = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES}.get(m[2], [])
-    return m[3] is None or m[3] in {c[0] for c in cases}
+    return m[3] is None or m[3] in {c[0] for c in FAMILIES.get(m[2], [])}
 
 
 def test_every_catalogued_case_has_its_test():
     table = (ROOT / "docs" / "bad_inputs.md").read_text()
     rows = [line for line in table.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
     refs = [re.findall(r"`(test_[^`]+)`", row) for row in rows]
-    assert len(rows) >= 30 and all(refs), "every row names its test"
+    assert len(rows) >= 120 and all(refs), "every row names its test"
+    assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1)), "rows are numbered 1, 2, ..."
     missing = [r for rr in refs for r in rr if not _test_exists(r)]
     assert not missing, f"docs/bad_inputs.md names tests that do not exist: {missing}"
-    listed = {r.split("[")[1].rstrip("]") for rr in refs for r in rr if "[" in r}
-    assert listed == {c[0] for c in CONFIG_CASES + COMPOSE_CASES}, "every config case is in the docs table"
+    listed = {tuple(re.fullmatch(r".*::(\w+)\[([\w-]+)\]", r).groups()) for rr in refs for r in rr if "[" in r}
+    assert listed == {(f, c[0]) for f, cases in FAMILIES.items() for c in cases}, "every case is in the docs table"

@@ -7,14 +7,14 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from helpers import CONF
+from helpers import CONF, fake_checkpoint
 from qlora_lab.core.errors import ConfigError
 from qlora_lab.model.kernels import resolve_kernels
 from qlora_lab.runner import preflight as v
 
 GROUPS = ["model", "quantization", "lora", "checkpointing", "data", "optim", "logger"]
 CUDA_ONLY = {("optim", "paged_adamw_8bit")}
-NEEDS_PATH = {("data", "jsonl"), ("data", "hf")}
+NEEDS_PATH = {("data", "jsonl"), ("data", "hf"), ("model", "local")}
 
 
 def options(group: str) -> list[str]:
@@ -25,7 +25,9 @@ def options(group: str) -> list[str]:
 def test_every_group_option_composes_and_validates(compose, group, option, tmp_path, monkeypatch):
     monkeypatch.setattr(v, "hub_reachable", lambda: True)  # hub presets validate as on a machine with access
     extra = []
-    if (group, option) in NEEDS_PATH:
+    if (group, option) == ("model", "local"):
+        extra = [f"model.path={fake_checkpoint(tmp_path / 'ckpt')}"]
+    elif (group, option) in NEEDS_PATH:
         path = tmp_path / "d.jsonl"
         path.write_text('{"prompt": "a", "response": "b"}\n')
         extra = [f"data.path={path}"]
@@ -129,7 +131,8 @@ def test_wandb_online_without_credentials(compose, monkeypatch, tmp_path):
 
 
 def test_local_model_path_without_checkpoint(compose, tmp_path):
-    cfg = compose(["model=qwen2_5_0_5b", f"model.path={tmp_path}/missing-model"])
+    (tmp_path / "not-a-model").mkdir()
+    cfg = compose(["model=qwen2_5_0_5b", f"model.path={tmp_path}/not-a-model"])
     with pytest.raises(ConfigError, match="has no config.json"):
         v.validate(OmegaConf.to_object(cfg))
 

@@ -35,7 +35,7 @@ def randomize_lora_b(model, seed: int = 1) -> None:
 def docs_and_pack(tiny, n_docs: int = 7, length: int = 64):
     cfg, model, tok, _ = tiny(FP32)
     rows = read_rows(cfg.data)[:n_docs]
-    docs = build_examples(rows, tok, cfg.model.max_seq_len, True)
+    docs = build_examples(rows, tok, cfg.model.max_seq_len, True).examples
     randomize_lora_b(model)
     bins = [[docs[i] for i in row] for row in pack([len(d.input_ids) for d in docs], length)]
     return model, tok, docs, bins, Collator(tok.pad_token_id, rows=len(bins), length=length)
@@ -217,7 +217,7 @@ def test_cuda_varlen_packing_isolates_documents_within_bf16_rounding(spec_of, mo
     built = build_model(spec_of(FP32[2:] + ["quantization=none"], device="cuda"))  # model.dtype auto: bf16
     model, tok = built.model, built.tokenizer
     rows = read_rows(spec_of().cfg.data)[:7]
-    docs = build_examples(rows, tok, 64, True)
+    docs = build_examples(rows, tok, 64, True).examples
     randomize_lora_b(model)
     model.cuda()
     bins = [[docs[i] for i in row] for row in pack([len(d.input_ids) for d in docs], 64)]

@@ -134,7 +134,8 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_eval_loss(default_run):
         if hasattr(m, "support_avx512bf16_for_cpu"):
             m.support_avx512bf16_for_cpu = False
     model = PeftModel.from_pretrained(base, adapter)
-    examples = tokenize.build_examples(rows.read_rows(tcfg.data), tok, tcfg.model.max_seq_len, tcfg.data.mask_prompt)
+    examples = tokenize.build_examples(rows.read_rows(tcfg.data), tok, tcfg.model.max_seq_len,
+                                       tcfg.data.mask_prompt).examples
     _, eval_set = rows.split_eval(examples, tcfg.data, tcfg.seed)
     mb = tcfg.data.micro_batch_size
     loss = evaluate_loss(model, eval_set, mb, tok.pad_token_id, "cpu")

@@ -17,6 +17,12 @@ def _model(cfg: TrainConfig, device: str) -> list[str]:
         p.append("model.kernels=liger runs Triton kernels that need a CUDA device; use model.kernels=none on the CPU")
     if m.max_seq_len <= 0:
         p.append(f"model.max_seq_len={m.max_seq_len} must be > 0")
+    if m.build and m.path:
+        p.append(f"model.path={m.path} names a checkpoint, but model={m.name} is built with random weights at run "
+                 f"time (model.build), so the path would be ignored; for your own checkpoint use model=local "
+                 f"model.path={m.path} (or a preset's settings with it, e.g. model=qwen2_5_0_5b model.path={m.path})")
+    if not m.build and not m.path:
+        p.append(f"model.path is empty; give a local checkpoint directory or a hub id (model={m.name})")
     if m.build and "model_type" not in m.build:
         p.append("model.build needs a model_type (e.g. llama) to build a random-init model")
     max_pos = m.build.get("max_position_embeddings") if m.build else None
@@ -62,6 +68,14 @@ def _data(cfg: TrainConfig, device: str) -> list[str]:
         p.append(f"data.eval_fraction={d.eval_fraction} must be in [0, 1)")
     if d.max_eval_rows < 0:
         p.append(f"data.max_eval_rows={d.max_eval_rows} must be >= 0 (0 = no held-out rows)")
+    if not 0 <= d.max_dropped_fraction <= 1:
+        p.append(f"data.max_dropped_fraction={d.max_dropped_fraction} must be in [0, 1] (the share of rows truncation "
+                 "may drop; 0 = none)")
+    if d.source == "jsonl" and d.config_name is not None:
+        p.append(f"data.config_name={d.config_name} applies to data=hf; a .jsonl file has no configs (remove it)")
+    if d.source == "jsonl" and d.split != "train":
+        p.append(f"data.split={d.split} applies to data=hf; a .jsonl file is one split (remove it, or give that "
+                 "split's file as data.path)")
     mb = d.micro_batch_size
     if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0):
         p.append(f"data.micro_batch_size={mb!r} must be a positive integer or auto")
@@ -88,6 +102,8 @@ def _optim(cfg: TrainConfig, device: str) -> list[str]:
         p.append(f"optim.grad_accum_steps={o.grad_accum_steps} must be >= 1")
     if o.max_grad_norm < 0:
         p.append(f"optim.max_grad_norm={o.max_grad_norm} must be >= 0 (0 disables clipping)")
+    if o.epochs < 0:
+        p.append(f"optim.epochs={o.epochs} must be >= 0 (used when optim.max_steps=0)")
     if o.max_steps < 0 or (o.max_steps == 0 and o.epochs < 1):
         p.append("set optim.max_steps > 0, or optim.max_steps=0 with optim.epochs >= 1")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
@@ -120,6 +136,8 @@ def _run(cfg: TrainConfig) -> list[str]:
         p.append(f"save.keep_last={cfg.save.keep_last} must be >= 1 (the checkpoint a resume needs)")
     if cfg.guard.max_skips < 0:
         p.append(f"guard.max_skips={cfg.guard.max_skips} must be >= 0")
+    if cfg.overwrite and cfg.resume is not None:
+        p.append(f"overwrite=true starts a new run but resume={cfg.resume} continues one; drop one of the two")
     if cfg.seed < 0:
         p.append(f"seed={cfg.seed} must be >= 0 (numpy seeds only take non-negative integers)")
     if not 0 <= cfg.plan.safety_margin < 1:
@@ -157,6 +175,18 @@ def _distributed(cfg: TrainConfig, device: str, world: int) -> list[str]:
             p.append("distributed=fsdp shards the optimizer state already and bitsandbytes' paged optimizer does not "
                      "take sharded parameters; use optim=adamw")
     return p
+
+
+# What to write for a key the composed config leaves unset (`???` in its YAML).
+MISSING_HINTS = {
+    "data.path": "give data.path=/path/to/train.jsonl (data=jsonl) or a dataset name or dir (data=hf)",
+    "model.path": "give model.path=/path/to/checkpoint_dir (a directory with config.json, tokenizer and weights)",
+}
+
+
+def missing_problems(keys: list[str]) -> list[str]:
+    """One problem per unset key, each with what to give."""
+    return [f"{k} is not set; {MISSING_HINTS.get(k, f'give {k}=<value>')}" for k in keys]
 
 
 def config_problems(cfg: TrainConfig, device: str, world: int = 1) -> list[str]:

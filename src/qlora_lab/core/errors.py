@@ -20,6 +20,11 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in the config:\n{lines}")
 
 
+class RunDirInUse(ConfigError):
+    """The config's problems include a run dir that already holds a run: nothing may be written into that dir (its
+    summary.json is the earlier run's), so a failure record goes to the console and the sweep table only."""
+
+
 class DataError(ValueError):
     """Rows that cannot be used; the message names each bad row and what it lacks."""
 
@@ -28,12 +33,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, corrupt, from another run) or cannot be written."""
 
 
+class OutputError(RuntimeError):
+    """The run dir could not be written mid-run (read-only, full, removed); the message says what to do."""
+
+
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN/inf; the message names the step and the dataset rows of the batch."""
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Stopped by Ctrl-C or SIGTERM; the message says where the checkpoint is, if one was written."""
+    """Stopped by Ctrl-C or SIGTERM; the message says where the checkpoint is, or that none was written."""
 
 
 class Status(StrEnum):
@@ -51,12 +60,13 @@ class Status(StrEnum):
         return self in (Status.finished, Status.skipped, Status.planned)
 
 
-# Exit statuses of `python train.py` (docs/bad_inputs.md): 0 ok, 1 other failure, 2 bad input, 3 non-finite loss,
-# 4 out of memory, 130 interrupted.
+# Exit statuses of `python train.py` (docs/bad_inputs.md): 0 ok, 1 other failure, 2 bad input (config, data,
+# checkpoint, a run dir in use or that cannot be written), 3 non-finite loss, 4 out of memory, 130 interrupted.
 EXIT_CODES = {Status.finished: 0, Status.skipped: 0, Status.planned: 0, Status.failed: 1, Status.failed_config: 2,
               Status.failed_nan: 3, Status.failed_oom: 4, Status.interrupted: 130}
 
-EXPECTED = (ConfigError, DataError, CheckpointError, NonFiniteLossError, torch.OutOfMemoryError, KeyboardInterrupt)
+EXPECTED = (ConfigError, DataError, CheckpointError, OutputError, NonFiniteLossError, torch.OutOfMemoryError,
+            KeyboardInterrupt)
 """Failures whose message says what happened and what to do: printed without a traceback."""
 
 
@@ -65,7 +75,7 @@ def classify(exc: BaseException) -> Status:
         return Status.failed_oom
     if isinstance(exc, NonFiniteLossError):
         return Status.failed_nan
-    if isinstance(exc, (ConfigError, DataError, CheckpointError)):
+    if isinstance(exc, (ConfigError, DataError, CheckpointError, OutputError)):
         return Status.failed_config
     if isinstance(exc, KeyboardInterrupt):
         return Status.interrupted

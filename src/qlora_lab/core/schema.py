@@ -182,7 +182,7 @@ class ModelConfig(Frozen):
     """Which causal LM to fine-tune and how to load it."""
 
     name: str = MISSING  # short name used in run names and W&B (e.g. "tiny", "phi4_mini")
-    path: str = MISSING  # hub id or local directory; for built models, where the build is cached
+    path: Optional[str] = MISSING  # hub id or local checkpoint directory; null for built models (model.build)
     # A transformers config dict to build a random-init model from (model=tiny, the benchmark shapes) instead of
     # loading a checkpoint. Empty for hub/local checkpoints.
     build: dict[str, Any] = MISSING
@@ -252,6 +252,9 @@ class DataConfig(Frozen):
     num_rows: int = MISSING  # use the first N rows of the dataset (0 = all)
     eval_fraction: float = MISSING  # share of rows held out for evaluation
     max_eval_rows: int = MISSING
+    # share of rows that truncation at model.max_seq_len may drop (their response falls beyond it) before the run
+    # refuses to start; every dropped or truncated row is counted and reported either way
+    max_dropped_fraction: float = MISSING
     mask_prompt: bool = MISSING  # compute the loss on response tokens only
     # A system message for rows that have none; null = none added (a chat template may then insert its own default)
     system_prompt: Optional[str] = MISSING
@@ -372,6 +375,7 @@ class TrainConfig(Frozen):
     save: SaveConfig = MISSING
     guard: GuardConfig = MISSING
     resume: Optional[str] = MISSING  # null | auto | a run dir or one of its checkpoints/step_* dirs
+    overwrite: bool = MISSING  # a new run into a run dir that holds one: move the old run to <dir>/replaced/<time>
     mode: Mode = MISSING
     seed: int = MISSING
     device: Device = MISSING

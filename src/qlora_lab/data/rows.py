@@ -16,6 +16,8 @@ MAX_REPORTED = 10
 
 
 def _row_problem(row: Any) -> str | None:
+    if isinstance(row, list):  # a whole JSON array on one line
+        return "is a list, not a JSON object (a JSON array file? write one object per line: jq -c '.[]' in.json)"
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not a JSON object"
     if "messages" in row:
@@ -26,7 +28,7 @@ def _row_problem(row: Any) -> str | None:
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
                     or not isinstance(msg.get("content"), str):
                 return f"message {j} is not an object with string 'role' and 'content'"
-        if not any(msg["role"] == "assistant" and msg["content"] for msg in msgs):
+        if not any(msg["role"] == "assistant" and msg["content"].strip() for msg in msgs):
             return "has no non-empty assistant message to learn from"
         return None
     missing = [k for k in ("prompt", "response") if k not in row]
@@ -36,8 +38,8 @@ def _row_problem(row: Any) -> str | None:
     for k in ("prompt", "response"):
         if not isinstance(row[k], str):
             return f"has {k!r} of type {type(row[k]).__name__}, expected a string"
-    if not row["response"]:
-        return "has an empty 'response'"
+    if not row["response"].strip():
+        return "has an empty (or whitespace-only) 'response'"
     return None
 
 
@@ -52,12 +54,23 @@ def check_rows(rows: list[Any], where: str) -> None:
         raise DataError(f"{len(bad)} bad row(s) in {where} (rows counted from 1):\n{lines}{more}")
 
 
+# Files that are not text at all: named by their first bytes, instead of "line 1 is not valid UTF-8".
+BINARY_FORMATS = {b"\x1f\x8b": "gzip-compressed; decompress it first (gunzip -k FILE)",
+                  b"PAR1": "a Parquet file; write its rows as JSON lines, or load it with data=hf",
+                  b"PK\x03\x04": "a zip archive; extract the .jsonl file from it"}
+
+
 def _read_jsonl(path: Path) -> list[Any]:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for magic, what in BINARY_FORMATS.items():
+        if head.startswith(magic):
+            raise DataError(f"{path} is {what.replace('FILE', str(path))}")
     rows = []
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")  # a BOM (some Windows editors write one)
             except UnicodeDecodeError as e:
                 raise DataError(f"{path}: line {n} is not valid UTF-8 ({e.reason} at byte {e.start}); "
                                 "re-encode the file as UTF-8") from e
@@ -66,19 +79,23 @@ def _read_jsonl(path: Path) -> list[Any]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one object") from e
+                array = n == 1 and line.lstrip().startswith("[")
+                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one object"
+                                + ("; this looks like a JSON array: convert it to JSON lines with "
+                                   f"jq -c '.[]' {path} > train.jsonl" if array else "")) from e
     return rows
 
 
 def read_rows(d: DataConfig) -> list[dict[str, Any]]:
     """The configured dataset's rows (the first `data.num_rows` when set), checked."""
     if d.source == "jsonl":
-        rows = _read_jsonl(Path(d.path))
+        rows = _read_jsonl(Path(d.path).expanduser())
         where = d.path
     else:
         import datasets
 
-        rows = list(datasets.load_dataset(d.path, d.config_name, split=d.split))
+        local = Path(d.path).expanduser()
+        rows = list(datasets.load_dataset(str(local) if local.exists() else d.path, d.config_name, split=d.split))
         where = f"dataset {d.path} (split {d.split})"
     if d.num_rows:
         rows = rows[:d.num_rows]
@@ -91,15 +108,21 @@ def eval_count(n_rows: int, d: DataConfig) -> int:
     return min(int(n_rows * d.eval_fraction), d.max_eval_rows)
 
 
-def check_size(n_rows: int, d: DataConfig, micro_batch: int, processes: int = 1) -> None:
-    """At least one full micro-batch per process must be left for training once the eval rows are held out."""
+def check_size(n_rows: int, d: DataConfig, micro_batch: int, processes: int = 1, after: str = "") -> None:
+    """At least one full micro-batch per process must be left for training once the eval rows are held out, and an
+    eval split asked for must hold a row. `after` says what reduced the rows (truncation), for the message."""
     n_eval = eval_count(n_rows, d)
     n_train = n_rows - n_eval
+    has = f"the dataset has {n_rows} rows{after}"
     if n_train < micro_batch * processes:
         per = f" x {processes} processes" if processes > 1 else ""
-        raise DataError(f"the dataset has {n_rows} rows, {n_train} left for training after {n_eval} eval rows: "
+        raise DataError(f"{has}, {n_train} left for training after {n_eval} eval rows: "
                         f"fewer than one micro-batch (data.micro_batch_size={micro_batch}{per}); set "
                         f"data.micro_batch_size<={n_train // processes} or add rows")
+    if n_eval == 0 and d.eval_fraction > 0 and d.max_eval_rows > 0:
+        raise DataError(f"{has}, and data.eval_fraction={d.eval_fraction} of them holds out no row, so the eval loss "
+                        f"would be undefined; add rows, raise data.eval_fraction to {1 / n_rows:.2g} or more, or set "
+                        "data.eval_fraction=0 to train without evaluation")
 
 
 def fingerprint(rows: list[dict[str, Any]]) -> str:

@@ -1,13 +1,18 @@
-"""Render rows with the chat template and label only what the model should learn to write."""
+"""Render rows with the chat template and label only what the model should learn to write; say what truncation at
+`model.max_seq_len` did to them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from jinja2 import TemplateError
+
 from qlora_lab.core.errors import DataError
+from qlora_lab.core.schema import DataConfig
 
 IGNORE_INDEX = -100  # label value that cross-entropy skips
+SHOWN_ROWS = 5  # row numbers named in a report
 
 
 @dataclass
@@ -15,6 +20,54 @@ class Example:
     input_ids: list[int]
     labels: list[int]
     row: int  # index of the source row, so a bad batch can be traced to its rows
+    truncated: bool = False  # the rendered row was longer than max_len and was cut
+
+
+def _cut(ids: list[int], labels: list[int], index: int, max_len: int) -> Example:
+    return Example(ids[:max_len], labels[:max_len], index, truncated=len(ids) > max_len)
+
+
+def _rows(indices: list[int]) -> str:
+    """Row numbers counted from 1, as the row checks name them: `rows 3, 9, 12, ... (+40 more)`."""
+    shown = ", ".join(str(i + 1) for i in indices[:SHOWN_ROWS])
+    return f"row{'s' if len(indices) > 1 else ''} {shown}" + \
+        (f", ... (+{len(indices) - SHOWN_ROWS} more)" if len(indices) > SHOWN_ROWS else "")
+
+
+@dataclass
+class Tokenized:
+    """The examples that keep a response token, and what truncation did to the rows."""
+
+    examples: list[Example]
+    rows: int  # rows tokenized
+    dropped: list[int]  # rows whose every response token lies beyond max_len: nothing to learn, left out
+    truncated: list[int]  # kept rows cut at max_len (part of their response may be lost)
+    max_len: int
+
+    def metrics(self) -> dict[str, int]:
+        return {"data/rows": self.rows, "data/dropped_rows": len(self.dropped),
+                "data/truncated_rows": len(self.truncated)}
+
+    def report(self) -> str | None:
+        """One line per kind of row that truncation touched, with the first row numbers; None when it touched none."""
+        lines = []
+        if self.dropped:
+            lines.append(f"{len(self.dropped)} of {self.rows} rows dropped: no response token within "
+                         f"model.max_seq_len={self.max_len} ({_rows(self.dropped)})")
+        if self.truncated:
+            lines.append(f"{len(self.truncated)} of {self.rows} rows truncated to model.max_seq_len={self.max_len} "
+                         f"tokens ({_rows(self.truncated)})")
+        return "\n".join(lines) or None
+
+    def check(self, d: DataConfig) -> None:
+        """Refuse a run that truncation would leave training on much less than the dataset."""
+        share = len(self.dropped) / self.rows
+        if share > d.max_dropped_fraction:
+            raise DataError(
+                f"{len(self.dropped)} of {self.rows} rows ({share:.1%}) have no response token within "
+                f"model.max_seq_len={self.max_len} ({_rows(self.dropped)}), more than data.max_dropped_fraction="
+                f"{d.max_dropped_fraction}; raise model.max_seq_len, shorten or remove those rows, or raise "
+                "data.max_dropped_fraction to train without them")
 
 
 def to_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
@@ -45,29 +98,38 @@ def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_
         response = _encode(tokenizer, row["response"]) + [tokenizer.eos_token_id]
         ids = prompt + response
         labels = ([IGNORE_INDEX] * len(prompt) if mask_prompt else prompt) + response
-        return Example(ids[:max_len], labels[:max_len], index)
+        return _cut(ids, labels, index, max_len)
 
-    render = tokenizer.apply_chat_template
-    ids = _encode(tokenizer, render(messages, tokenize=False))
+    def render(msgs: list[dict[str, str]], **kw) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, **kw)
+        except TemplateError as e:  # the template's own raise_exception, e.g. roles that do not alternate
+            raise DataError(f"row {index + 1}: the tokenizer's chat template refuses it ({e}); fix or remove the row "
+                            "(e.g. alternate user/assistant turns), or give prompt/response rows") from e
+
+    ids = _encode(tokenizer, render(messages))
     if not mask_prompt:
-        return Example(ids[:max_len], list(ids[:max_len]), index)
+        return _cut(ids, list(ids), index, max_len)
     labels = [IGNORE_INDEX] * len(ids)
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        start = len(_encode(tokenizer, render(messages[:i], tokenize=False, add_generation_prompt=True)))
-        end = len(_encode(tokenizer, render(messages[: i + 1], tokenize=False)))
+        start = len(_encode(tokenizer, render(messages[:i], add_generation_prompt=True)))
+        end = len(_encode(tokenizer, render(messages[: i + 1])))
         if end > len(ids) or start > end:
             raise DataError("the chat template does not render a conversation's prefix as a prefix of the whole; "
                             "prompt masking cannot find the assistant turns: set data.mask_prompt=false")
         labels[start:end] = ids[start:end]
-    return Example(ids[:max_len], labels[:max_len], index)
+    return _cut(ids, labels, index, max_len)
 
 
 def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool,
-                   system_prompt: str | None = None) -> list[Example]:
+                   system_prompt: str | None = None) -> Tokenized:
+    """Every row rendered and labelled; rows left without a response token are counted and left out."""
     examples = [tokenize_row(r, i, tokenizer, max_len, mask_prompt, system_prompt) for i, r in enumerate(rows)]
     kept = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
     if not kept:
         raise DataError(f"no row keeps a response token within model.max_seq_len={max_len}; raise it")
-    return kept
+    kept_rows = {e.row for e in kept}
+    return Tokenized(kept, len(rows), [e.row for e in examples if e.row not in kept_rows],
+                     [e.row for e in kept if e.truncated], max_len)

@@ -47,6 +47,11 @@ INPUT_GROUPS = {
 }
 
 
+# The layer types PEFT's LoRA wraps (and transformers' Conv1D, GPT-2's linear layer, matched by class name); a
+# norm, an activation or a whole block is none of them, and PEFT rejects it only after the weights have loaded.
+ADAPTABLE = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
 @dataclass
 class Arch:
     """What the ledger needs to know of a model, read off a meta-device instance."""
@@ -69,6 +74,8 @@ class Arch:
     max_positions: int | None
     module_names: list[str] = field(default_factory=list)  # every module's full name (what LoRA targets match)
     linear_suffixes: list[str] = field(default_factory=list)  # distinct last name parts of the nn.Linear modules
+    module_types: dict[str, str] = field(default_factory=dict)  # full name -> class name
+    adaptable: set[str] = field(default_factory=set)  # full names of the modules LoRA can wrap (ADAPTABLE)
 
 
 def read_arch(cfg: TrainConfig) -> Arch:
@@ -97,6 +104,8 @@ def read_arch(cfg: TrainConfig) -> Arch:
         other_params=total - linear_params,
         largest_linear=largest, max_positions=getattr(config, "max_position_embeddings", None),
         module_names=[n for n, _ in model.named_modules() if n],
+        module_types={n: type(mod).__name__ for n, mod in model.named_modules() if n},
+        adaptable={n for n, mod in model.named_modules() if isinstance(mod, ADAPTABLE) or type(mod).__name__ == "Conv1D"},
         linear_suffixes=sorted({n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
                                 if isinstance(mod, torch.nn.Linear)}),
     )

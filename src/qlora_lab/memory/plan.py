@@ -61,22 +61,44 @@ def verify_micro_batch(mb: int, try_step: Callable[[int], None]) -> tuple[int, l
             mb //= 2
 
 
-def check_lora_targets(cfg: TrainConfig, arch: Arch) -> None:
-    """Each named LoRA target must match a module (as peft matches: the full name or its last parts)."""
+def _matches(name: str, target: str) -> bool:
+    """PEFT's rule: the full module name, or its last dotted parts."""
+    return name == target or name.endswith("." + target)
+
+
+def check_module_names(cfg: TrainConfig, arch: Arch) -> None:
+    """Each named LoRA target must match a layer LoRA can wrap, and each quantization.skip_modules entry a module:
+    PEFT rejects a norm only after the weights have loaded, and bitsandbytes ignores a name that matches nothing."""
+    problems = []
     targets = list(cfg.lora.target_modules)
-    if targets == ["all-linear"]:
-        return
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in arch.module_names)]
-    if unmatched:
-        raise ConfigError([f"lora.target_modules names {unmatched} but model {cfg.model.name} has no such module; "
-                           f"its linear layers are named {', '.join(arch.linear_suffixes)} (or use [all-linear])"])
+    if targets != ["all-linear"]:
+        unmatched = [t for t in targets if not any(_matches(n, t) for n in arch.module_names)]
+        if unmatched:
+            problems.append(f"lora.target_modules names {unmatched} but model {cfg.model.name} has no such module; "
+                            f"its linear layers are named {', '.join(arch.linear_suffixes)} (or use [all-linear])")
+        for t in targets:
+            hits = [n for n in arch.module_names if _matches(n, t)]
+            if hits and not any(n in arch.adaptable for n in hits):
+                kinds = sorted({arch.module_types[n] for n in hits})
+                problems.append(f"lora.target_modules names {t!r}, a {', '.join(kinds)}, which LoRA cannot adapt (it "
+                                f"wraps Linear, Embedding and Conv layers); name linear layers, e.g. "
+                                f"{', '.join(arch.linear_suffixes[:4])}, or use [all-linear]")
+    # bitsandbytes keeps a module unquantized when a skip entry is one of its dotted name parts (or a prefix)
+    unknown = [s for s in cfg.quantization.skip_modules
+               if not any(f".{s}." in f".{n}." for n in arch.module_names)]
+    if unknown and cfg.quantization.bits != 16:
+        problems.append(f"quantization.skip_modules names {unknown} but model {cfg.model.name} has no such module, so "
+                        f"nothing would be skipped; name modules of the model (its linear layers: "
+                        f"{', '.join(arch.linear_suffixes)})")
+    if problems:
+        raise ConfigError(problems)
 
 
 def plan_run(cfg: TrainConfig, device: str) -> tuple[Ledger, float | None]:
     """The run's ledger and the budget it is judged against; with `data.micro_batch_size=auto`, the ledger of the
     largest micro-batch predicted to fit (the caller records that micro-batch in the run spec)."""
     arch = read_arch(cfg)
-    check_lora_targets(cfg, arch)
+    check_module_names(cfg, arch)
     budget = gpu_budget_gib(cfg, device)
     if cfg.data.micro_batch_size == "auto":
         return pick_micro_batch(cfg, arch, budget), budget

@@ -8,6 +8,7 @@ Nothing here changes the machine: directories are checked for writability withou
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import socket
@@ -16,10 +17,16 @@ from pathlib import Path
 import torch
 
 from qlora_lab.core.checks import config_problems
-from qlora_lab.core.dist import launched_world_size
-from qlora_lab.core.errors import ConfigError
-from qlora_lab.core.schema import TrainConfig
+from qlora_lab.core.dist import launched_rank, launched_world_size
+from qlora_lab.core.errors import ConfigError, RunDirInUse
+from qlora_lab.core.schema import ModelConfig, TrainConfig
 from qlora_lab.model.gguf import locate
+from qlora_lab.runner.rundir import not_writable, reuse_problem
+
+# Files that make a directory a loadable checkpoint (transformers' names).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt")
+WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
 def resolve_device(device: str) -> str:
@@ -60,22 +67,6 @@ def _wandb_has_credentials() -> bool:
     return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
-def not_writable(path: str) -> str | None:
-    """None if `path` is a directory this process can write into, or can be created as one; else why not.
-
-    Nothing is created: the nearest existing ancestor must be a writable directory.
-    """
-    target = Path(path).expanduser().absolute()
-    existing = target
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"{existing} is a file, not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
-
-
 def _hub_host() -> tuple[str, int]:
     from urllib.parse import urlparse
 
@@ -83,8 +74,12 @@ def _hub_host() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("0", "", "false", "False")
+
+
 def hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+    if _env_on("HF_HUB_OFFLINE"):
         return False
     try:
         socket.create_connection(_hub_host(), timeout=timeout).close()
@@ -102,6 +97,88 @@ def _hub_model_cached(repo_id: str) -> bool:
         return True
 
 
+def _hub_dataset_cached(name: str) -> bool:
+    """Whether `datasets.load_dataset(name)` has something to read offline: the prepared dataset or its hub files."""
+    from huggingface_hub import constants
+
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    hub = Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+    return hub.is_dir() or any(prepared.glob(f"{name.replace('/', '___')}*"))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """None if the safetensors file's header parses and its size is what the header's offsets say, else what is
+    wrong: a copy or download cut short leaves a file that transformers reports as an opaque deserialization error."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else 0
+        if len(head) < 8 or n > size - 8:
+            return f"is truncated ({size:,} bytes, less than its header)"
+        try:
+            header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return "has an unreadable header (corrupted, or not a safetensors file)"
+    want = 8 + n + end
+    if size < want:
+        return f"is truncated ({size:,} of {want:,} bytes)"
+    if size > want:
+        return f"has {size - want:,} bytes after its last tensor (corrupted)"
+    return None
+
+
+def _weights_problem(local: Path) -> str | None:
+    index = next((local / i for i in WEIGHT_INDEXES if (local / i).is_file()), None)
+    if index is not None:
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError):
+            return f"has an unreadable {index.name}"
+        missing = [f for f in files if not (local / f).is_file()]
+        if missing:
+            return f"lacks {len(missing)} weight shard(s) its {index.name} lists ({', '.join(missing[:3])})"
+    else:
+        files = [p.name for p in sorted(local.glob("*.safetensors"))] or [p.name for p in sorted(local.glob("*.bin"))]
+        if not files:
+            return "has no weights (*.safetensors or *.bin)"
+    for name in files:
+        if name.endswith(".safetensors"):
+            why = safetensors_problem(local / name)
+            if why:
+                return f"{name} {why}"
+    return None
+
+
+def model_dir_problems(m: ModelConfig, train: bool = True) -> list[str]:
+    """A local checkpoint directory must hold config.json, a tokenizer and whole weights (a plan reads config.json
+    only); each missing piece is named with its fix (without this, transformers fails after a long load, or blames a
+    missing sentencepiece)."""
+    local, where = Path(m.path).expanduser(), f"model.path={m.path}"
+    if not local.exists():
+        return [f"{where} does not exist; give a checkpoint directory (config.json, tokenizer, weights) or a hub id"]
+    if not local.is_dir():
+        return [f"{where} is a file; give the directory that holds config.json, the tokenizer and the weights"]
+    adapter = local / "adapter_config.json"
+    if adapter.is_file() and not (local / "config.json").is_file():  # a run's adapter/ dir, taken for a model
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        return [f"{where} is a LoRA adapter (adapter_config.json), not a model; set model.path to its base model"
+                + (f" ({base})" if base else "") + ", and to train this adapter on, resume from its run "
+                "(resume=<run dir>)"]
+    p = []
+    if not (local / "config.json").is_file():
+        p.append(f"{where} has no config.json; point it at a saved checkpoint directory")
+    if not train:
+        return p
+    if m.tokenizer is None and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        p.append(f"{where} has no tokenizer files ({', '.join(TOKENIZER_FILES[:2])} or vocab files); copy them from "
+                 "the base model's directory, or set model.tokenizer=<its dir or hub id>")
+    why = _weights_problem(local)
+    if why:
+        p.append(f"{where} {why}; copy or download the checkpoint again")
+    return p
+
+
 def _device(cfg: TrainConfig) -> tuple[str, list[str]]:
     device = resolve_device(cfg.device)
     if device == "cuda" and not torch.cuda.is_available():
@@ -111,7 +188,7 @@ def _device(cfg: TrainConfig) -> tuple[str, list[str]]:
 
 def _model(cfg: TrainConfig) -> list[str]:
     m, p = cfg.model, []
-    if m.build:
+    if m.build or not m.path:  # a built model; an empty path is core.checks'
         return p
     if m.gguf:  # converted from the GGUF file into the cache; model.path is not read
         try:
@@ -120,20 +197,42 @@ def _model(cfg: TrainConfig) -> list[str]:
             p.append(str(e))
         return p
     local = Path(m.path).expanduser()
-    config_json = local / "config.json"
-    if looks_local(m.path) and not config_json.is_file():
-        p.append(f"model.path={m.path!r} has no config.json; point it at a saved checkpoint directory")
-    if config_json.is_file():
-        max_pos = json.loads(config_json.read_text()).get("max_position_embeddings")
-        if max_pos is not None and m.max_seq_len > max_pos:
-            p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
-                     f"set model.max_seq_len<={max_pos}")
-    if cfg.mode == "train" and not looks_local(m.path) and not local.exists() and not _hub_model_cached(m.path) \
-            and not hub_reachable():
+    if looks_local(m.path) or local.exists():
+        p += model_dir_problems(m, train=cfg.mode == "train")
+        config_json = local / "config.json"
+        if config_json.is_file():
+            max_pos = json.loads(config_json.read_text()).get("max_position_embeddings")
+            if max_pos is not None and m.max_seq_len > max_pos:
+                p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
+                         f"set model.max_seq_len<={max_pos}")
+    elif cfg.mode == "train" and not _hub_model_cached(m.path) and not hub_reachable():
         p.append(f"model.path={m.path} is not in the local Hugging Face cache and {_hub_host()[0]} cannot be "
                  f"reached; on a machine with access run `hf download {m.path}` and copy the cache (HF_HOME), or "
-                 "set model.path to a local checkpoint directory")
+                 "set model.path to a local checkpoint directory"
+                 + (f" (there is no local directory {local} either)" if os.sep in m.path else ""))
     return p
+
+
+def _tokenizer(m: ModelConfig) -> list[str]:
+    tok = Path(m.tokenizer).expanduser() if m.tokenizer else None
+    if tok is None or not (looks_local(m.tokenizer) or tok.exists()):  # none, or a hub id
+        return []
+    if tok.is_dir() and any((tok / f).is_file() for f in TOKENIZER_FILES):
+        return []
+    return [f"model.tokenizer={m.tokenizer} is not a directory with tokenizer files ({', '.join(TOKENIZER_FILES[:2])} "
+            "or vocab files); point it at one, or a hub id"]
+
+
+def _attention(cfg: TrainConfig, device: str) -> list[str]:
+    if cfg.model.attn_implementation != "flash_attention_2" or cfg.mode != "train":
+        return []
+    lacking = ([] if device == "cuda" else ["a CUDA GPU"]) + \
+        ([] if importlib.util.find_spec("flash_attn") else ["the flash-attn package"])
+    if not lacking:
+        return []
+    return [f"model.attn_implementation=flash_attention_2 needs {' and '.join(lacking)}; use "
+            "model.attn_implementation=sdpa (PyTorch's fused attention, nothing to install)"
+            + (", or pip install flash-attn" if device == "cuda" else "")]
 
 
 def _quantization(cfg: TrainConfig, device: str) -> list[str]:
@@ -145,10 +244,29 @@ def _quantization(cfg: TrainConfig, device: str) -> list[str]:
             "(CPU and CUDA backends) or choose quantization=none"] if why else []
 
 
-def _files(cfg: TrainConfig) -> list[str]:
-    p, d = [], cfg.data
-    if d.path and d.source == "jsonl" and not Path(d.path).is_file():
+def _data(cfg: TrainConfig) -> list[str]:
+    d, p = cfg.data, []
+    if not d.path:
+        return p
+    local = Path(d.path).expanduser()
+    if d.source == "jsonl" and local.is_dir():
+        inside = sorted(x.name for x in local.glob("*.jsonl"))[:3]
+        p.append(f"data.path={d.path!r} is a directory; give the .jsonl file itself"
+                 + (f" (it holds {', '.join(inside)})" if inside else ""))
+    elif d.source == "jsonl" and not local.is_file():
         p.append(f"data.path={d.path!r} does not exist; give the path of a .jsonl file")
+    if d.source == "hf" and looks_local(d.path) and not local.exists():
+        p.append(f"data.path={d.path} does not exist; data=hf takes a local dataset directory or a hub dataset name")
+    elif d.source == "hf" and not local.exists() and cfg.mode == "train" and not _hub_dataset_cached(d.path) \
+            and (_env_on("HF_DATASETS_OFFLINE") or not hub_reachable()):
+        p.append(f"data.path={d.path} is not in the local datasets cache and {_hub_host()[0]} cannot be reached "
+                 "(datasets would retry for ~20 s, then fail); on a machine with access load it once and copy the "
+                 "cache (HF_HOME), or save its rows as JSON lines and use data=jsonl data.path=<file>")
+    return p
+
+
+def _files(cfg: TrainConfig) -> list[str]:
+    p = []
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).expanduser().exists():
         p.append(f"resume={cfg.resume}: no such path; give a run dir or one of its checkpoints/step_* dirs, "
                  "or resume=auto")
@@ -159,6 +277,13 @@ def _files(cfg: TrainConfig) -> list[str]:
                 p.append(f"{key}={getattr(cfg, key)} is not writable ({why}); point it at a writable directory"
                          + (" (hydra.run.dir=... sets the run dir)" if key == "output_dir" else ""))
     return p
+
+
+def _run_dir(cfg: TrainConfig) -> list[str]:
+    if cfg.mode != "train" or launched_rank() > 0:  # rank 0 alone writes (and may already have started)
+        return []
+    why = reuse_problem(Path(cfg.output_dir), cfg.resume, cfg.overwrite)
+    return [why] if why else []
 
 
 def _logger(cfg: TrainConfig) -> list[str]:
@@ -182,7 +307,11 @@ def validate(cfg: TrainConfig) -> str:
     world = launched_world_size()
     device, problems = _device(cfg)
     problems += config_problems(cfg, device, world)
-    problems += _model(cfg) + _quantization(cfg, device) + _files(cfg) + _logger(cfg) + _launch(cfg, device, world)
+    problems += _model(cfg) + _tokenizer(cfg.model) + _attention(cfg, device) + _quantization(cfg, device) + _data(cfg) + _files(cfg) \
+        + _logger(cfg) + _launch(cfg, device, world)
+    in_use = _run_dir(cfg)
+    if in_use:
+        raise RunDirInUse(problems + in_use)
     if problems:
         raise ConfigError(problems)
     return device

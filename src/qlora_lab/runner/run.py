@@ -16,6 +16,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.core import dist as dist_mod
 from qlora_lab.core.dist import Dist
-from qlora_lab.core.errors import Status
+from qlora_lab.core.checks import missing_problems
+from qlora_lab.core.errors import ConfigError, OutputError, Status, TrainingInterrupted
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
@@ -39,18 +41,22 @@ from qlora_lab.memory.readings import PhaseReadings, reset_peak
 from qlora_lab.model import BuiltModel, build_model, model_source
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
+from qlora_lab.runner.rundir import check_steps_left, describe, finished_run, held_run, move_aside
 from qlora_lab.sinks.jsonl import JsonlSink
 from qlora_lab.sinks.logger import MetricLogger
-from qlora_lab.sinks.provenance import record_resume, write_run_info
-from qlora_lab.sinks.summary import failure_summary, write_summary
+from qlora_lab.sinks.provenance import record_resume, recorded_wandb_id, write_run_info
+from qlora_lab.sinks.summary import SUMMARY, read_summary, record_failure, write_summary
 from qlora_lab.sinks.wandb import WandbSink
 from qlora_lab.train import checkpoint
 from qlora_lab.train.evaluate import Evaluator
 from qlora_lab.train.loop import train
+from qlora_lab.train.optim import total_steps
 from qlora_lab.train.save import save_adapter
+from qlora_lab.train.signals import SignalsRaise
 
 # Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
-NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "hydra.")
+NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "overwrite=",
+            "hydra.")
 
 
 def seed_everything(seed: int) -> None:
@@ -73,8 +79,20 @@ def open_logger(spec: RunSpec, out_dir: Path, resume: tuple[str | None, int] | N
     return MetricLogger(sinks)
 
 
-def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist) -> tuple[RunSpec, Path | None]:
-    """The checkpoint `resume` names, checked against the run spec and the data (None: start fresh).
+@dataclass
+class Resume:
+    """Where a run continues: after a checkpoint's step, or from step 0 in a run dir whose run died before its first
+    checkpoint (a restart: the earlier records move aside and the same W&B run is refilled)."""
+
+    ckpt: Path | None
+    step: int
+    allowed: list[str]  # config differences the checkpoint allows, recorded in run_info.json
+    wandb_id: str | None
+    done: dict[str, Any] | None = None  # resume=auto on a finished run asking for no more steps: its summary
+
+
+def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist) -> tuple[RunSpec, Resume | None]:
+    """Where `resume` continues, checked against the run spec and the data (None: a new run).
 
     An auto micro-batch resumes with the checkpoint's: a resumed run continues what it started.
     """
@@ -82,24 +100,36 @@ def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist)
     if not cfg.resume:
         return spec, None
     ckpt = checkpoint.find(cfg.resume, out_dir)
-    if ckpt is None:
+    allowed = []
+    if ckpt is not None:
+        saved = json.loads((ckpt / "config.json").read_text())
+        if spec.resolved.get("data.micro_batch_size", [None])[0] == "auto":
+            spec = spec.evolve("data.micro_batch_size", saved["config"]["data"]["micro_batch_size"])
+        allowed = checkpoint.check_compatible(ckpt, spec.config(), data_fingerprint, dist.world)
+    done = finished_run(out_dir, cfg.optim) if cfg.resume == "auto" else None
+    if done is not None:
         if dist.main:
-            print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; starting from step 0")
-        return spec, None
-    saved = json.loads((ckpt / "config.json").read_text())
-    if spec.resolved.get("data.micro_batch_size", [None])[0] == "auto":
-        spec = spec.evolve("data.micro_batch_size", saved["config"]["data"]["micro_batch_size"])
-    allowed = checkpoint.check_compatible(ckpt, spec.config(), data_fingerprint, dist.world)
-    step, run_dir = checkpoint.step_of(ckpt), checkpoint.run_dir_of(ckpt)
-    if dist.main:
-        print(f"qlora-lab: resuming {run_dir} from {ckpt.name} (step {step})"
-              + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in allowed) if allowed else ""))
-        record_resume(run_dir, checkpoint=ckpt, step=step, overrides=list(spec.overrides), differences=allowed)
-    return spec, ckpt
+            print(f"qlora-lab: resume=auto: {out_dir} holds a finished run ({done.get('summary/steps')} steps) and "
+                  "optim.max_steps asks for no more; nothing to continue, nothing changed (raise optim.max_steps to "
+                  "train on, or start again with overwrite=true)")
+        return spec, Resume(ckpt, 0, allowed, None, done=done)
+    if ckpt is None:
+        held = bool(held_run(out_dir))
+        if dist.main:
+            print(f"qlora-lab: resume=auto: no checkpoint in {out_dir / checkpoint.CKPT_DIR}; "
+                  + (f"it holds {describe(out_dir)}: restarting from step 0 (its records move to "
+                     "metrics.rolled_back.jsonl, the same W&B run continues)" if held else
+                     "no earlier run there, starting from step 0 (to continue one, give its dir: "
+                     "hydra.run.dir=<run dir>)"))
+        return spec, Resume(None, 0, [], recorded_wandb_id(out_dir)) if held else None
+    trainer = json.loads((ckpt / "trainer_state.json").read_text())
+    return spec, Resume(ckpt, checkpoint.step_of(ckpt), allowed, trainer["trainer"]["wandb_id"])
 
 
 def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train (or plan) one run described by `cfg`; returns its summary metrics."""
+    if isinstance(cfg, DictConfig) and OmegaConf.missing_keys(cfg):  # `???` left in a YAML: say which, not a trace
+        raise ConfigError(missing_problems(sorted(OmegaConf.missing_keys(cfg))))
     tcfg: TrainConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     device = validate(tcfg)  # every problem that can be found without a model, all at once
     spec, ledger, budget = resolve_spec(tcfg, device, list(overrides or []))
@@ -110,7 +140,8 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
                 "summary/fits": plan.fits(ledger, budget, spec.cfg.plan.safety_margin)}
     dist = dist_mod.setup(spec.cfg.distributed, device)
     try:
-        return _train_run(spec, ledger, budget, dist)
+        with SignalsRaise():  # SIGTERM while loading or saving is recorded like Ctrl-C, not a silent exit
+            return _train_run(spec, ledger, budget, dist)
     finally:
         dist_mod.teardown(dist)
 
@@ -119,18 +150,27 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
     cfg, device = spec.cfg, spec.device
     # Every process writes into rank 0's run dir (their Hydra dirs agree anyway, see resolvers.launch_time).
     out_dir = Path(dist.broadcast(cfg.output_dir))
+    if cfg.overwrite and dist.main and held_run(out_dir):  # validate allowed it; before anything is written
+        print(f"qlora-lab: overwrite=true: the earlier run in {out_dir} moved to {move_aside(out_dir)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.plan.skip_unfit and plan.fits(ledger, budget, cfg.plan.safety_margin) is False:
         return _skip(out_dir, ledger, budget, spec, dist.main)
     logger: MetricLogger | None = None
     loading = False  # past the data checks: a failure from here on goes into W&B too (a sweep's failed job shows)
+    # A resume records into the run dir only once it is known to continue it: a refused one leaves the earlier
+    # attempt's files (a finished run's summary.json among them) exactly as they were.
+    own_dir = not cfg.resume
     try:
         rows = read_rows(cfg.data)
-        check_size(len(rows), cfg.data, int(cfg.data.micro_batch_size), dist.world)
+        micro_batch = int(cfg.data.micro_batch_size)
+        check_size(len(rows), cfg.data, micro_batch, dist.world)
         data_fingerprint = fingerprint(rows)
-        spec, ckpt = find_resume(spec, out_dir, data_fingerprint, dist)
-        if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
-            out_dir = checkpoint.run_dir_of(ckpt)
+        spec, resume = find_resume(spec, out_dir, data_fingerprint, dist)
+        own_dir = own_dir or resume is None  # resume=auto with nothing to resume: a new run
+        if resume and resume.done:
+            return resume.done
+        if resume and resume.ckpt:  # training continues in the checkpoint's run dir (resume=<path> may name another)
+            out_dir = checkpoint.run_dir_of(resume.ckpt)
         seed_everything(cfg.seed)
         t_start = time.perf_counter()
         loading = True
@@ -139,23 +179,37 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         reset_peak(device)
         source = model_source(spec, dist)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
-        examples = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt,
-                                  cfg.data.system_prompt)
-        train_set, eval_set = split_eval(examples, cfg.data, cfg.seed)
+        data = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt,
+                              cfg.data.system_prompt)
+        report = data.report()
+        if report and dist.main:
+            print("qlora-lab: data: " + report.replace("\n", "\nqlora-lab: data: "))
+        data.check(cfg.data)
+        if data.dropped:
+            check_size(len(data.examples), cfg.data, micro_batch, dist.world,
+                       after=f" left after truncation dropped {len(data.dropped)}")
+        phases.metrics.update(data.metrics())  # logged with step 1 and in the summary
+        train_set, eval_set = split_eval(data.examples, cfg.data, cfg.seed)
         items, collator = batching(spec, train_set, source.tokenizer.pad_token_id, dist.main)
+        if resume and resume.ckpt:  # every process: they refuse together, before anything is touched
+            check_steps_left(resume.step, resume.ckpt.name, total_steps(cfg.optim, len(items), micro_batch),
+                             out_dir)
+        previous = _continue(resume, out_dir) if resume and dist.main else None
+        own_dir = True
         built = build_model(spec, source, dist, phases.read)
-        if "data.micro_batch_size" in spec.resolved and device == "cuda" and ckpt is None:
+        if "data.micro_batch_size" in spec.resolved and device == "cuda" and (resume is None or resume.ckpt is None):
             spec, ledger = _prove_micro_batch(spec, ledger, built)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
-        resume = None
-        if ckpt is not None:
-            saved = json.loads((ckpt / "trainer_state.json").read_text())
-            resume = (saved["trainer"]["wandb_id"], saved["step"])
-        elif dist.main:
-            write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=built.path)
         # Only rank 0 reports: one metrics.jsonl, one W&B run, whatever the number of processes.
-        logger = open_logger(spec, out_dir, resume) if dist.main else MetricLogger([])
+        logger = open_logger(spec, out_dir, (resume.wandb_id, resume.step) if resume else None) \
+            if dist.main else MetricLogger([])
+        if dist.main and (resume is None or resume.ckpt is None):
+            write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=built.path,
+                           wandb_id=logger.run_id)
+        if dist.main and resume:
+            record_resume(out_dir, checkpoint=resume.ckpt, step=resume.step, overrides=list(spec.overrides),
+                          differences=resume.allowed, previous=previous)
         if dist.main:
             print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
@@ -165,7 +219,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         evaluator = Evaluator(cfg.eval, list(cfg.data.metrics), rows, eval_set, built.tokenizer,
                               int(spec.cfg.data.micro_batch_size), device, dist, cfg.data.system_prompt)
         summary = train(built, items, collator, evaluator, spec, logger, phases, run_dir=out_dir,
-                        checkpointer=checkpointer, resume_from=ckpt, dist=dist)
+                        checkpointer=checkpointer, resume_from=resume.ckpt if resume else None, dist=dist)
         adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
         if not dist.main:
             return summary
@@ -174,6 +228,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             "summary/trainable_params": built.trainable,
             "summary/total_params": built.total,
             "summary/train_rows": len(train_set),
+            "summary/dropped_rows": len(data.dropped),
+            "summary/truncated_rows": len(data.truncated),
             "summary/wall_time_s": time.perf_counter() - t_start,
             "summary/status": str(Status.finished),
             "summary/micro_batch": int(spec.cfg.data.micro_batch_size),
@@ -187,14 +243,16 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             print("qlora-lab: memory ledger, predicted vs measured (GiB allocated):\n" + ledger_table)
         return summary
     except BaseException as e:  # recorded in the run dir and in W&B, so a sweep table can say why it ended
-        if dist.main:
-            record = failure_summary(out_dir, e)
-            write_summary(out_dir, record)
+        failure = _explain(e, out_dir, logger is not None)
+        if dist.main and own_dir:
+            record = record_failure(out_dir, failure)
             if logger is None and loading:
                 logger = _failure_logger(spec, out_dir)
             if logger is not None:
                 logger.summary(record)
-        raise
+        if failure is e:
+            raise
+        raise failure from e
     finally:
         if logger is not None:
             logger.close()
@@ -211,6 +269,37 @@ def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool
         print(f"qlora-lab: packed {len(train_set)} rows into {len(bins)} rows of {length} tokens "
               f"(fill {fill_fraction(bins, length):.1%})")
     return bins, Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
+
+
+def _continue(resume: Resume, out_dir: Path) -> dict[str, Any] | None:
+    """A resume that passed every check: say so, and take the earlier attempt's summary.json out of the way (it is
+    recorded in run_info.json's `resumes`); returns it."""
+    if resume.ckpt is not None:
+        print(f"qlora-lab: resuming {out_dir} from {resume.ckpt.name} (step {resume.step})"
+              + ("; config differences, allowed:\n" + "\n".join(f"  - {a}" for a in resume.allowed)
+                 if resume.allowed else ""))
+    previous = read_summary(out_dir)
+    (out_dir / SUMMARY).unlink(missing_ok=True)
+    return previous
+
+
+def _explain(e: BaseException, out_dir: Path, training: bool) -> BaseException:
+    """The exception a run that raised `e` ends with: `e`, or one whose message says what happened and what to do
+    (an interrupt outside the loop's own handling, a run dir that stopped taking writes)."""
+    if isinstance(e, KeyboardInterrupt) and not isinstance(e, TrainingInterrupted):
+        kept = checkpoint.valid_checkpoints(out_dir)
+        return TrainingInterrupted(
+            f"stopped by {e.args[0] if e.args else 'SIGINT (Ctrl-C)'} "
+            f"{'during training' if training else 'before training started'}; "
+            + (f"the last whole checkpoint is {kept[-1].name}: continue with resume=auto hydra.run.dir={out_dir}"
+               if kept else f"no checkpoint was written: start again with resume=auto hydra.run.dir={out_dir} "
+                            "(one history: earlier records move aside)"))
+    if isinstance(e, OSError) and e.errno in checkpoint.WRITE_ERRORS \
+            and (e.filename is None or Path(e.filename).absolute().is_relative_to(out_dir.absolute())):
+        return OutputError(f"writing {e.filename or 'into the run dir'} failed ({checkpoint.WRITE_ERRORS[e.errno]}); "
+                           f"the run dir {out_dir} must stay writable: free space or make it writable again, then "
+                           f"continue with resume=auto hydra.run.dir={out_dir}")
+    return e
 
 
 def _failure_logger(spec: RunSpec, out_dir: Path) -> MetricLogger | None:

@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.core.errors import Status
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.runner.run import run
+from qlora_lab.runner.rundir import held_run
 from qlora_lab.sinks.summary import read_summary, record_failure
 
 SUMMARY_FILE = "sweep_summary.jsonl"
@@ -77,13 +78,17 @@ def _child(config_path: Path) -> None:
 
 
 def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str) -> dict[str, Any]:
-    """One multirun job: skipped if resuming and already finished, else trained in a child process."""
+    """One multirun job: with sweep.resume, skipped if it finished and continued (resume=auto) if it did not; else
+    trained in a child process. (RunDirGuard refused a sweep into a dir with earlier jobs before any job ran.)"""
     job_dir = Path(cfg.output_dir)
     previous = read_summary(job_dir)
     if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
         print(f"qlora-lab: {job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
         record = {**previous, "resumed": True}
     else:
+        if cfg.sweep.resume and held_run(job_dir) and cfg.resume is None:  # a job that did not finish: continue it
+            cfg = cfg.copy()
+            OmegaConf.update(cfg, "resume", "auto")
         container = OmegaConf.to_container(cfg, resolve=True)
         if cfg.sweep.isolate:
             # A fresh interpreter: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. A plain

@@ -68,9 +68,13 @@ def device_info(device: str) -> dict[str, Any]:
     return info
 
 
-def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, model_path: str) -> None:
+def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, model_path: str,
+                   wandb_id: str | None = None) -> None:
     """run_info.json (+ git_diff.patch when the tree is dirty): enough to re-create this run. The config is the
-    resolved one (what ran); `resolved` says which values were `auto` and what they became."""
+    resolved one (what ran); `resolved` says which values were `auto` and what they became; `wandb_id` lets a
+    restart before the first checkpoint continue the same W&B run. A restart keeps the earlier `resumes`."""
+    path = out_dir / "run_info.json"
+    earlier = json.loads(path.read_text()).get("resumes", []) if path.is_file() else []
     overrides = list(spec.overrides)
     commit = _git("rev-parse", "HEAD")
     diff = _git("diff", "HEAD")
@@ -89,17 +93,32 @@ def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, mo
         "model_path": model_path,
         "resolved": spec.resolved,
         "config": spec.config(),
+        "wandb_id": wandb_id,
     }
-    (out_dir / "run_info.json").write_text(json.dumps(info, indent=2, default=str))
+    if earlier:
+        info["resumes"] = earlier
+    path.write_text(json.dumps(info, indent=2, default=str))
 
 
-def record_resume(out_dir: Path, *, checkpoint: Path, step: int, overrides: list[str],
-                  differences: list[str]) -> None:
-    """Add this resume to run_info.json's `resumes`: from where, with which command and config differences."""
+def recorded_wandb_id(out_dir: Path) -> str | None:
+    """The W&B run id run_info.json recorded for the run in `out_dir` (None without one)."""
+    path = out_dir / "run_info.json"
+    try:
+        return json.loads(path.read_text()).get("wandb_id") if path.is_file() else None
+    except ValueError:  # a run_info.json cut short
+        return None
+
+
+def record_resume(out_dir: Path, *, checkpoint: Path | None, step: int, overrides: list[str],
+                  differences: list[str], previous: dict[str, Any] | None = None) -> None:
+    """Add this resume to run_info.json's `resumes`: from where (checkpoint None: a restart from step 0), with which
+    command and config differences, and how the attempt before it ended (`previous`: its summary.json)."""
     path = out_dir / "run_info.json"
     info = json.loads(path.read_text()) if path.is_file() else {}
     commit = _git("rev-parse", "HEAD")
     info.setdefault("resumes", []).append({
-        "checkpoint": str(checkpoint), "step": step, "overrides": overrides, "config_differences": differences,
+        "checkpoint": str(checkpoint) if checkpoint else None, "step": step, "overrides": overrides,
+        "config_differences": differences, "previous_status": (previous or {}).get("summary/status"),
+        "previous_reason": (previous or {}).get("summary/reason"),
         "git_commit": commit.strip() if commit else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     path.write_text(json.dumps(info, indent=2, default=str))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
-from qlora_lab.core.errors import Status, classify
+from qlora_lab.core.errors import RunDirInUse, Status, classify
 
 SUMMARY = "summary.json"
 
@@ -29,18 +30,31 @@ def read_summary(run_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def ending(exc: BaseException) -> dict[str, Any]:
+    """How a run that raised `exc` ended: its status and the reason."""
+    return {"summary/status": str(classify(exc)), "summary/reason": f"{type(exc).__name__}: {str(exc)[:500]}"}
+
+
 def failure_summary(run_dir: Path, exc: BaseException) -> dict[str, Any]:
     """The summary of a run that ended with `exc`: why it ended, on top of what it had already recorded. A failure
     an inner layer already recorded is kept (it is closer to the cause)."""
     summary = read_summary(run_dir) or {}
     if Status(summary.get("summary/status", Status.finished)).ok:
-        summary.update({"summary/status": str(classify(exc)), "summary/reason": f"{type(exc).__name__}: {str(exc)[:500]}"})
+        summary.update(ending(exc))
     return summary
 
 
 def record_failure(run_dir: Path, exc: BaseException) -> dict[str, Any]:
-    """Write why a run ended into its summary.json; returns that summary."""
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    summary = failure_summary(run_dir, exc)
-    write_summary(run_dir, summary)
+    """Write why a run ended into its summary.json; returns that summary. A run dir that holds another run is left
+    alone, and a run dir that cannot be written is said so on stderr: the failure itself is what gets raised."""
+    if isinstance(exc, RunDirInUse):  # its summary.json is the earlier run's
+        return ending(exc)
+    try:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        summary = failure_summary(run_dir, exc)
+        write_summary(run_dir, summary)
+    except (OSError, ValueError) as e:  # read-only, full, or an unreadable earlier summary.json
+        print(f"qlora-lab: warning: could not record the failure in {Path(run_dir) / SUMMARY} "
+              f"({type(e).__name__}: {e})", file=sys.stderr)
+        summary = ending(exc)
     return summary

@@ -52,7 +52,11 @@ NUMERICS_ONLY = ("model.kernels", "model.compile", "model.attn_implementation", 
 # Each optimizer step trains on micro_batch_size x grad_accum_steps x processes consecutive rows of the sample
 # order: that product must stay, its factors may change (e.g. 2 GPUs x 4 rows -> 1 GPU x 8 rows).
 # Keys that differ between any two invocations and say nothing about the computation.
-IGNORED = ("output_dir", "run_name", "resume", "sweep_id", "cache_dir", "logger.progress_bar")
+IGNORED = ("output_dir", "run_name", "resume", "overwrite", "sweep_id", "cache_dir", "logger.progress_bar")
+# How a failed write is named in messages (errno -> words).
+WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
 
 
 def _sha256(path: Path) -> str:
@@ -145,11 +149,11 @@ class Checkpointer:
 
     def _write(self, step: int, tensors: dict[str, torch.Tensor], optim: dict[str, Any], scheduler,
                trainer_state: dict[str, Any]) -> Path:
-        self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{PREFIX}{step:07d}"
         tmp = self.root / f".tmp-{PREFIX}{step:07d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        try:
+        try:  # from the first mkdir on: a run dir that became read-only fails here, with the message below
+            self.root.mkdir(parents=True, exist_ok=True)
             tmp.mkdir()
             payload = {
                 "adapter.pt": tensors,
@@ -173,11 +177,12 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             kept = [p.name for p in valid_checkpoints(self.run_dir)]
             cause = e if isinstance(e, OSError) else e.__cause__ or e.__context__
-            full = isinstance(cause, OSError) and cause.errno == errno.ENOSPC
-            why = "the disk is full" if full else f"{type(e).__name__}: {e}"
+            code = cause.errno if isinstance(cause, OSError) else None
+            why = WRITE_ERRORS.get(code, f"{type(e).__name__}: {e}")
             raise CheckpointError(
                 f"writing the checkpoint of step {step} to {self.root} failed ({why}); nothing partial was left. "
-                f"Free space (or point save.every_steps/output_dir elsewhere) and resume=auto from "
+                f"Free space or make the run dir writable again (or point save.every_steps/output_dir elsewhere) "
+                f"and resume=auto from "
                 f"{kept[-1] if kept else 'the start (no earlier checkpoint)'}") from e
         # Keep this one and the keep_last-1 before it. Only renamed (hence complete) dirs carry a step_ name, so
         # pruning needs no re-hashing of every kept checkpoint at each save; later steps (from an earlier attempt
@@ -239,6 +244,8 @@ def find(resume: str, run_dir: Path) -> Path | None:
     if not path.exists():
         raise CheckpointError(f"resume={resume}: no such file or directory; give a run dir, one of its "
                               f"checkpoints/{PREFIX}* dirs, or resume=auto")
+    if not path.is_dir():  # e.g. the adapter's .safetensors file: a checkpoint is a directory of several files
+        raise CheckpointError(f"resume={resume} is a file; give a run dir or one of its checkpoints/{PREFIX}* dirs")
     if path.name.startswith(PREFIX) and path.parent.name == CKPT_DIR:
         why = verify(path)
         if why:

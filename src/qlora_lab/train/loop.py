@@ -176,6 +176,7 @@ def train(built: BuiltModel, items: list, collator: Collator, evaluator: Evaluat
                 where = checkpoint()
                 raise TrainingInterrupted(
                     f"stopped by {StopRequest.name(signum)} after step {step}"
-                    + (f"; checkpoint {where}; continue with resume=auto hydra.run.dir={run_dir}" if where else ""))
+                    + (f"; checkpoint {where}; continue with resume=auto hydra.run.dir={run_dir}" if where else
+                       "; no checkpoint was written (no checkpointer)"))
     progress.close()
     return state.summary(steps, resumed_from, dist.world)
