@@ -81,6 +81,15 @@ def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
     assert runs["1"]["summary"]["summary/status"] == "failed_nan"
 
 
+def test_job_dirs_and_wandb_runs_are_named_by_the_swept_keys(sweep):
+    """Only what varies (the data path by its file name), not the constant overrides (checkpointing=none,
+    optim.max_steps=3, ...); the W&B runs carry the same names."""
+    _, _, jobs, _ = sweep
+    assert sorted(jobs) == ["0_micro_batch_size=192,path=clean.jsonl", "1_micro_batch_size=192,path=poisoned.jsonl",
+                            "2_micro_batch_size=4,path=clean.jsonl", "3_micro_batch_size=4,path=poisoned.jsonl"]
+    assert {read_run(d)["run"].display_name for d in jobs.values()} == set(jobs)
+
+
 def test_compare_writes_the_table_and_plots(sweep):
     out, _, _, _ = sweep
     res = compare(out / "sweep")

@@ -25,6 +25,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.core.errors import Status
+from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.runner.run import run
 from qlora_lab.sinks.summary import read_summary, record_failure
@@ -137,6 +138,16 @@ try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover
     Callback = object  # type: ignore[misc,assignment]
+
+
+class SweptKeys(Callback):
+    """At the start of a multirun: the keys it varies, for its jobs' names (`core.resolvers.job_name`). A job's own
+    config holds only its values, not the sweep's, so they travel in the environment, which every launcher hands on
+    to its jobs (in process, joblib workers, submitit)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        keys = swept_keys(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params"))
+        os.environ[SWEPT_ENV] = ",".join(keys)
 
 
 class SweepReport(Callback):
