@@ -79,6 +79,39 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     assert w["summary"]["summary/trainable_params"] == summary["summary/trainable_params"] > 0
 
 
+def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch):
+    """A job that first builds its random-init model (the first job of a sweep on a benchmark shape) must not
+    report the build as its peak. The CPU has no allocator peak to reset, so a stand-in allocator keeps count:
+    the 50 GiB the model source allocates and frees must not reach the summary, the 0.5 GiB after it must."""
+    from qlora_lab.memory import readings
+    from qlora_lab.runner import run as run_mod
+    from qlora_lab.train import loop
+
+    class Allocator:
+        now = peak = 0.5
+
+        def reset(self, device):
+            self.peak = self.now
+
+        def reading(self, device):
+            return {"allocated_gib": self.now, "reserved_gib": self.now, "peak_allocated_gib": self.peak,
+                    "peak_reserved_gib": self.peak}
+
+    alloc, source = Allocator(), run_mod.model_source
+
+    def building_source(spec, dist):
+        alloc.peak = 50.0  # the build's weights came and went
+        return source(spec, dist)
+
+    monkeypatch.setattr(run_mod, "model_source", building_source)
+    for module in (run_mod, loop):
+        monkeypatch.setattr(module, "reset_peak", alloc.reset)
+    for module in (loop, readings):
+        monkeypatch.setattr(module, "memory_now", alloc.reading)
+    summary = run_mod.run(compose(["optim.max_steps=2", "logger=none", "eval=loss", "eval.every_steps=0"]))
+    assert summary["summary/peak_memory_gib"] == 0.5
+
+
 def test_run_info_recreates_the_run(default_run):
     _, out, _, _ = default_run
     info = json.loads((out / "run_info.json").read_text())

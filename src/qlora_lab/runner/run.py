@@ -33,7 +33,7 @@ from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
 from qlora_lab.data.tokenize import build_examples
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
-from qlora_lab.memory.readings import PhaseReadings, reset_peak
+from qlora_lab.memory.readings import PhaseReadings, peak_scope, reset_peak
 from qlora_lab.model import BuiltModel, build_model, model_source
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
@@ -134,8 +134,10 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         loading = True
 
         phases = PhaseReadings(device)
-        reset_peak(device)
         source = model_source(spec, dist)
+        # After the source: building a random-init model (the first job of a sweep on a shape) is not this run's
+        # memory. From here every peak is the run's own, loading and quantizing included (readings.peak_scope).
+        reset_peak(device)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
         examples = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt)
         train_set, eval_set = split_eval(examples, cfg.data, cfg.seed)
@@ -170,6 +172,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             "summary/trainable_params": built.trainable,
             "summary/total_params": built.total,
             "summary/train_rows": len(train_set),
+            "summary/peak_memory_scope": peak_scope(device),
             "summary/wall_time_s": time.perf_counter() - t_start,
             "summary/status": str(Status.finished),
             "summary/micro_batch": int(spec.cfg.data.micro_batch_size),
