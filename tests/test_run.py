@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from wandb_reader import read_run
+from wandb_reader import read_run, read_table
 
 STEPS = 80
 # train/loss of the first steps of the default run (seed 0, tiny model, nf4) on CPU, in the locked environment: a
@@ -32,7 +32,7 @@ def default_run(tmp_path_factory, cache_dir):
     from qlora_lab.runner.run import run
 
     out = tmp_path_factory.mktemp("run")
-    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
+    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + [
             f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=e2e", "sweep_id=null",
@@ -69,7 +69,7 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     cfg, out, summary, records = default_run
     w = read_run(out)
     assert w["run"].display_name == "e2e"
-    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40"}
+    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"}
     assert w["config"]["lora.r"] == 16 and w["config"]["quantization.name"] == "nf4"
     history = [h for h in w["history"] if "train/loss" in h]
     assert [h["train/loss"] for h in history] == pytest.approx([r["train/loss"] for r in records])
@@ -77,6 +77,48 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     assert "phase/first_backward/peak_allocated_gib" in history[0]
     assert w["summary"]["summary/final_loss"] == pytest.approx(summary["summary/final_loss"])
     assert w["summary"]["summary/trainable_params"] == summary["summary/trainable_params"] > 0
+
+
+def test_wandb_summaries_hold_the_best_eval_and_its_step(default_run):
+    """define_metric: the runs table shows each eval metric at its best (min loss, max score) and memory at its
+    max; summary/best_eval_<m>_step says when, in summary.json and W&B alike."""
+    _, out, summary, records = default_run
+    w = read_run(out)
+    evals = {r["step"]: r for r in records if "eval/loss" in r}
+    best_loss_step = min(evals, key=lambda s: evals[s]["eval/loss"])
+    assert w["summary"]["eval/loss"] == {"min": pytest.approx(evals[best_loss_step]["eval/loss"])}
+    assert summary["summary/best_eval_loss_step"] == w["summary"]["summary/best_eval_loss_step"] == best_loss_step
+    assert w["summary"]["eval/exact_match"] == {"max": pytest.approx(max(e["eval/exact_match"] for e in evals.values()))}
+    assert summary["summary/best_eval_exact_match"] == pytest.approx(w["summary"]["eval/exact_match"]["max"])
+    peak = max(r["memory/peak_allocated_gib"] for r in records if "memory/peak_allocated_gib" in r)
+    assert w["summary"]["memory/peak_allocated_gib"] == {"max": pytest.approx(peak)}
+
+
+def test_the_ledger_is_a_table_in_wandb_and_beside_the_metrics(default_run):
+    """The predicted memory ledger, one row per component, logged at the start (any device; the predicted vs
+    measured table per phase follows at the end of a CUDA run)."""
+    from qlora_lab.memory import plan
+
+    cfg, out, _, _ = default_run
+    ledger = plan.predict(OmegaConf.to_object(cfg), int(cfg.data.micro_batch_size))
+    table = read_table(read_run(out), "ledger/items")
+    assert table["columns"] == ["step", "component", "kind", "gib", "formula_inputs", "in_peak"]
+    assert [row[1] for row in table["data"]] == [i.name for i in ledger.items]
+    assert [row[3] for row in table["data"]] == pytest.approx([i.bytes / 2**30 for i in ledger.items])
+    local = [json.loads(line) for line in (out / "ledger_items.jsonl").read_text().splitlines()]
+    assert [r["component"] for r in local] == [i.name for i in ledger.items] and {r["step"] for r in local} == {0}
+
+
+def test_the_adapter_is_an_artifact_of_the_offline_run(default_run):
+    _, out, _, _ = default_run
+    w = read_run(out)
+    (art,) = [a for a in w["artifacts"] if a.type == "model"]
+    assert art.name == f"adapter-{w['run'].run_id}"
+    files = {c.path: c.local_path for c in art.manifest.contents}
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    # referenced in the run dir, not copied into W&B's staging dir elsewhere: `wandb sync` needs only the run dir
+    assert all(p.startswith(str((out / "adapter").resolve())) for p in files.values())
+    assert json.loads(art.metadata)["lora.r"] == 16
 
 
 def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch):
@@ -115,7 +157,7 @@ def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch
 def test_run_info_recreates_the_run(default_run):
     _, out, _, _ = default_run
     info = json.loads((out / "run_info.json").read_text())
-    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
+    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
     assert info["config"]["lora"]["r"] == 16
     assert info["packages"]["torch"] and info["packages"]["bitsandbytes"]
     assert len(info["dataset_fingerprint"]) == 16 and info["device"]["device"] == "cpu"

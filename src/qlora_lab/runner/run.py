@@ -49,6 +49,8 @@ from qlora_lab.train.save import save_adapter
 
 # Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
 NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "hydra.")
+# The config keys that say what an adapter artifact is (the base model, its quantization, the LoRA shape).
+ADAPTER_METADATA = ("model.name", "model.path", "quantization.", "lora.", "seed")
 
 
 def seed_everything(seed: int) -> None:
@@ -154,6 +156,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=built.path)
         # Only rank 0 reports: one metrics.jsonl, one W&B run, whatever the number of processes.
         logger = open_logger(spec, out_dir, resume) if dist.main else MetricLogger([])
+        if ckpt is None:  # what the ledger predicted, item by item, beside what the run then measures
+            logger.table("ledger/items", plan.item_rows(ledger), step=0)
         if dist.main:
             print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
@@ -167,6 +171,9 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
         if not dist.main:
             return summary
+        if cfg.logger.log_adapter:  # what the adapter is, for a reader of the artifact (W&B allows 100 keys)
+            about = {k: v for k, v in flatten(spec.config()).items() if k.startswith(ADAPTER_METADATA)}
+            logger.artifact(adapter_dir, "adapter", "model", {"run_name": cfg.run_name, **about})
         ledger_table = _ledger_vs_measured(ledger, phases, summary, logger) if device == "cuda" else ""
         summary.update({
             "summary/trainable_params": built.trainable,
@@ -236,8 +243,9 @@ def _ledger_vs_measured(ledger: Ledger, phases: PhaseReadings, summary: dict[str
     difference per phase to every sink; returns the printable table."""
     measured = {p: phases.measured(p) for p in plan.PHASES[:-1] if phases.measured(p) is not None}
     measured["step_peak"] = summary["summary/peak_memory_gib"]
-    metrics, table = plan.compare(ledger, measured)
+    metrics, table, rows = plan.compare(ledger, measured)
     logger.log(metrics, step=summary["summary/steps"])
+    logger.table("ledger/phases", rows, step=summary["summary/steps"])
     summary.update(metrics)
     return table
 

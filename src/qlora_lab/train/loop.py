@@ -143,8 +143,9 @@ def train(built: BuiltModel, train_set: list[Example], evaluator: Evaluator, spe
                 metrics["memory/alloc_retries"] = mem["alloc_retries"]
             evaluated = evaluator.due(step, steps)
             if evaluated:
-                state.eval, samples = evaluator.run(model, engine)
-                metrics.update(state.eval)
+                evaluation, samples = evaluator.run(model, engine)
+                state.record_eval(step, evaluation)
+                metrics.update(evaluation)
             if evaluated or step % cfg.logger.log_every == 0 or step == steps:
                 logger.log(metrics, step)
             if evaluated and samples:
