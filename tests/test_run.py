@@ -121,6 +121,17 @@ def test_the_adapter_is_an_artifact_of_the_offline_run(default_run):
     assert json.loads(art.metadata)["lora.r"] == 16
 
 
+def test_the_summary_says_which_peak_and_where_the_time_went(default_run):
+    _, out, summary, records = default_run
+    saved = json.loads((out / "summary.json").read_text())
+    assert "resident set" in saved["summary/peak_memory_scope"]  # on the CPU: no allocator peak
+    steps = [r["train/step_time_s"] for r in records]
+    assert saved["summary/first_step_s"] == pytest.approx(steps[0])
+    assert saved["summary/train_time_s"] == pytest.approx(STEPS * saved["summary/step_time_s"])
+    assert 0 < saved["summary/startup_s"] < saved["summary/wall_time_s"]
+    assert saved["summary/overhead_s"] == pytest.approx(saved["summary/wall_time_s"] - saved["summary/train_time_s"])
+
+
 def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch):
     """A job that first builds its random-init model (the first job of a sweep on a benchmark shape) must not
     report the build as its peak. The CPU has no allocator peak to reset, so a stand-in allocator keeps count:

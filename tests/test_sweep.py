@@ -110,6 +110,17 @@ def test_resume_skips_finished_jobs(sweep, cache_dir):
     assert res.returncode == 1  # the failed jobs ran again, and failed again
 
 
+def test_jobs_share_the_compile_caches_in_the_sweep_dir(tmp_path, monkeypatch):
+    from qlora_lab.runner.sweep import job_env
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    env = job_env(tmp_path)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".compile_cache" / "inductor")
+    assert env["TRITON_CACHE_DIR"] == "/mine"  # what the user set wins
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+
+
 def test_pareto_front_on_a_hand_made_example():
     pts = [(1.0, 5.0), (2.0, 3.0), (3.0, 3.5), (4.0, 1.0), (2.5, 2.9), (5.0, 1.0)]
     assert pareto_front(pts) == [0, 1, 4, 3]  # (3, 3.5) is beaten by (2, 3); (5, 1) by (4, 1)

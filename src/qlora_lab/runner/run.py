@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,6 +52,11 @@ from qlora_lab.train.save import save_adapter
 NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "hydra.")
 # The config keys that say what an adapter artifact is (the base model, its quantization, the LoRA shape).
 ADAPTER_METADATA = ("model.name", "model.path", "quantization.", "lora.", "seed")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: a sweep job's own process, so its interpreter start and imports count."""
+    return time.time() - psutil.Process().create_time()
 
 
 def seed_everything(seed: int) -> None:
@@ -132,7 +138,6 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         if ckpt is not None:  # training continues in the checkpoint's run dir (resume=<path> may name another)
             out_dir = checkpoint.run_dir_of(ckpt)
         seed_everything(cfg.seed)
-        t_start = time.perf_counter()
         loading = True
 
         phases = PhaseReadings(device)
@@ -163,6 +168,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
                   + (f", {dist.world} processes ({dist.strategy})" if dist.active else ""))
 
+        startup_s = process_age_s()
         checkpointer = checkpoint.Checkpointer(out_dir, cfg.save.keep_last, spec.config(), data_fingerprint, dist)
         evaluator = Evaluator(cfg.eval, list(cfg.data.metrics), rows, eval_set, built.tokenizer,
                               int(spec.cfg.data.micro_batch_size), device, dist)
@@ -174,13 +180,16 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         if cfg.logger.log_adapter:  # what the adapter is, for a reader of the artifact (W&B allows 100 keys)
             about = {k: v for k, v in flatten(spec.config()).items() if k.startswith(ADAPTER_METADATA)}
             logger.artifact(adapter_dir, "adapter", "model", {"run_name": cfg.run_name, **about})
+        wall_s = process_age_s()
         ledger_table = _ledger_vs_measured(ledger, phases, summary, logger) if device == "cuda" else ""
         summary.update({
             "summary/trainable_params": built.trainable,
             "summary/total_params": built.total,
             "summary/train_rows": len(train_set),
             "summary/peak_memory_scope": peak_scope(device),
-            "summary/wall_time_s": time.perf_counter() - t_start,
+            "summary/startup_s": startup_s,  # process start -> the first step: imports, data, load, W&B
+            "summary/wall_time_s": wall_s,  # process start -> now
+            "summary/overhead_s": wall_s - summary["summary/train_time_s"],  # what was not the steps
             "summary/status": str(Status.finished),
             "summary/micro_batch": int(spec.cfg.data.micro_batch_size),
             "summary/kernels": str(spec.cfg.model.kernels),
