@@ -35,8 +35,9 @@ upgrade: | $(UV)
 sweep: setup
 	$(PY) train.py -m lora.r=8,16 $(ARGS)
 
-compare: setup  # make compare SWEEP=outputs/multirun/<time>  (default: the newest sweep)
-	$(PY) -m qlora_lab.compare $(or $(SWEEP),$(lastword $(sort $(wildcard outputs/multirun/*))))
+compare: setup  # make compare SWEEP=outputs/multirun/<time> METRIC=eval_exact_match  (default: the newest sweep)
+	$(PY) -m qlora_lab.runner.compare $(or $(SWEEP),$(lastword $(sort $(wildcard outputs/multirun/*)))) \
+		$(if $(METRIC),--metric $(METRIC))
 
 clean:
 	rm -rf outputs/runs outputs/multirun

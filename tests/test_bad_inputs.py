@@ -57,6 +57,8 @@ CONFIG_CASES = [
     ("offload_without_checkpointing", ["checkpointing=none", "checkpointing.offload_to_cpu=true"],
      "needs checkpointing.enabled=true"),
     ("log_every_zero", ["logger.log_every=0"], "logger.log_every=0 must be >= 1"),
+    ("log_adapter_without_wandb", ["logger=none", "logger.log_adapter=true"],
+     "logger.log_adapter=true needs a W&B run to attach the adapter to; use logger=wandb"),
     ("save_every_negative", ["save.every_steps=-5"], "save.every_steps=-5 must be >= 0"),
     ("keep_last_zero", ["save.keep_last=0"], "save.keep_last=0 must be >= 1"),
     ("resume_path_missing", ["resume=/nonexistent/run"], "or resume=auto"),

@@ -69,6 +69,22 @@ def test_cuda_sweep_job_peak_is_its_own(cache_dir, tmp_path):
     assert peaks["0"] > 2 * peaks["1"], peaks
 
 
+def test_cuda_random_init_build_is_not_in_the_first_jobs_peak(tmp_path):
+    """Job 0 builds a 126M-parameter random-init shape on the GPU (bf16, ~0.25 GiB, more than its nf4 training
+    needs), job 1 finds it built; both train alike. Their peaks must agree: the build is not job 0's memory."""
+    from helpers import train_py
+
+    shape = ["model.build.hidden_size=1024", "model.build.intermediate_size=4096", "model.build.num_hidden_layers=8",
+             "model.build.num_attention_heads=16", "model.build.num_key_value_heads=8"]
+    res = train_py(["-m", "optim.lr=1e-3,2e-3", *shape, "optim.max_steps=3", "logger=none", "device=cuda",
+                    "eval=loss", "eval.every_steps=0"], tmp_path / "cache", tmp_path)
+    assert res.returncode == 0, res.stderr[-2000:]
+    summaries = {p.parent.name[0]: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")}
+    peaks = {k: s["summary/peak_memory_gib"] for k, s in summaries.items()}
+    assert peaks["0"] == pytest.approx(peaks["1"], rel=0.1), peaks
+    assert "a random-init build does not" in summaries["0"]["summary/peak_memory_scope"]
+
+
 def test_kernels_auto_picks_liger_on_cuda_and_trains(compose, tmp_path):
     from qlora_lab.runner.run import run
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from wandb_reader import read_run
+from wandb_reader import read_run, read_table
 
 STEPS = 80
 # train/loss of the first steps of the default run (seed 0, tiny model, nf4) on CPU, in the locked environment: a
@@ -35,7 +35,7 @@ def default_run(tmp_path_factory, cache_dir):
     from qlora_lab.runner.run import run
 
     out = tmp_path_factory.mktemp("run")
-    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
+    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + [
             f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=e2e", "sweep_id=null",
@@ -88,6 +88,9 @@ def test_the_task_metric_rises_and_is_recorded_everywhere(default_run):
     w = read_run(out)
     assert {h["_step"] for h in w["history"] if "eval/exact_match" in h} == {0, 40, STEPS}
     assert sum(h.get("eval/samples/_type") == "table-file" for h in w["history"]) == 3  # a W&B table per eval
+    table = read_table(w, "eval/samples")  # the last one: step 80's samples, as eval_samples.jsonl has them
+    assert table["columns"][:3] == ["step", "row", "prompt"] and len(table["data"]) == 8
+    assert table["data"] == [list(s.values()) for s in samples if s["step"] == STEPS]
     assert w["summary"]["summary/eval_exact_match"] == pytest.approx(summary["summary/eval_exact_match"])
 
 
@@ -95,7 +98,7 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     cfg, out, summary, records = default_run
     w = read_run(out)
     assert w["run"].display_name == "e2e"
-    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40"}
+    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"}
     assert w["config"]["lora.r"] == 16 and w["config"]["quantization.name"] == "nf4"
     history = [h for h in w["history"] if "train/loss" in h]
     assert [h["train/loss"] for h in history] == pytest.approx([r["train/loss"] for r in train_records(records)])
@@ -105,10 +108,96 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     assert w["summary"]["summary/trainable_params"] == summary["summary/trainable_params"] > 0
 
 
+def test_wandb_summaries_hold_the_best_eval_and_its_step(default_run):
+    """define_metric: the runs table shows each eval metric at its best (min loss, max score) and memory at its
+    max; summary/best_eval_<m>_step says when, in summary.json and W&B alike."""
+    _, out, summary, records = default_run
+    w = read_run(out)
+    evals = {r["step"]: r for r in records if "eval/loss" in r}
+    best_loss_step = min(evals, key=lambda s: evals[s]["eval/loss"])
+    assert w["summary"]["eval/loss"] == {"min": pytest.approx(evals[best_loss_step]["eval/loss"])}
+    assert summary["summary/best_eval_loss_step"] == w["summary"]["summary/best_eval_loss_step"] == best_loss_step
+    assert w["summary"]["eval/exact_match"] == {"max": pytest.approx(max(e["eval/exact_match"] for e in evals.values()))}
+    assert summary["summary/best_eval_exact_match"] == pytest.approx(w["summary"]["eval/exact_match"]["max"])
+    peak = max(r["memory/peak_allocated_gib"] for r in records if "memory/peak_allocated_gib" in r)
+    assert w["summary"]["memory/peak_allocated_gib"] == {"max": pytest.approx(peak)}
+
+
+def test_the_ledger_is_a_table_in_wandb_and_beside_the_metrics(default_run):
+    """The predicted memory ledger, one row per component, logged at the start (any device; the predicted vs
+    measured table per phase follows at the end of a CUDA run)."""
+    from qlora_lab.memory import plan
+
+    cfg, out, _, _ = default_run
+    ledger = plan.predict(OmegaConf.to_object(cfg), int(cfg.data.micro_batch_size))
+    table = read_table(read_run(out), "ledger/items")
+    assert table["columns"] == ["step", "component", "kind", "gib", "formula_inputs", "in_peak"]
+    assert [row[1] for row in table["data"]] == [i.name for i in ledger.items]
+    assert [row[3] for row in table["data"]] == pytest.approx([i.bytes / 2**30 for i in ledger.items])
+    local = [json.loads(line) for line in (out / "ledger_items.jsonl").read_text().splitlines()]
+    assert [r["component"] for r in local] == [i.name for i in ledger.items] and {r["step"] for r in local} == {0}
+
+
+def test_the_adapter_is_an_artifact_of_the_offline_run(default_run):
+    _, out, _, _ = default_run
+    w = read_run(out)
+    (art,) = [a for a in w["artifacts"] if a.type == "model"]
+    assert art.name == f"adapter-{w['run'].run_id}"
+    files = {c.path: c.local_path for c in art.manifest.contents}
+    assert "adapter_model.safetensors" in files and "adapter_config.json" in files
+    # referenced in the run dir, not copied into W&B's staging dir elsewhere: `wandb sync` needs only the run dir
+    assert all(p.startswith(str((out / "adapter").resolve())) for p in files.values())
+    assert json.loads(art.metadata)["lora.r"] == 16
+
+
+def test_the_summary_says_which_peak_and_where_the_time_went(default_run):
+    _, out, summary, records = default_run
+    saved = json.loads((out / "summary.json").read_text())
+    assert "resident set" in saved["summary/peak_memory_scope"]  # on the CPU: no allocator peak
+    steps = [r["train/step_time_s"] for r in records]
+    assert saved["summary/first_step_s"] == pytest.approx(steps[0])
+    assert saved["summary/train_time_s"] == pytest.approx(STEPS * saved["summary/step_time_s"])
+    assert 0 < saved["summary/startup_s"] < saved["summary/wall_time_s"]
+    assert saved["summary/overhead_s"] == pytest.approx(saved["summary/wall_time_s"] - saved["summary/train_time_s"])
+
+
+def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch):
+    """A job that first builds its random-init model (the first job of a sweep on a benchmark shape) must not
+    report the build as its peak. The CPU has no allocator peak to reset, so a stand-in allocator keeps count:
+    the 50 GiB the model source allocates and frees must not reach the summary, the 0.5 GiB after it must."""
+    from qlora_lab.memory import readings
+    from qlora_lab.runner import run as run_mod
+    from qlora_lab.train import loop
+
+    class Allocator:
+        now = peak = 0.5
+
+        def reset(self, device):
+            self.peak = self.now
+
+        def reading(self, device):
+            return {"allocated_gib": self.now, "reserved_gib": self.now, "peak_allocated_gib": self.peak,
+                    "peak_reserved_gib": self.peak}
+
+    alloc, source = Allocator(), run_mod.model_source
+
+    def building_source(spec, dist):
+        alloc.peak = 50.0  # the build's weights came and went
+        return source(spec, dist)
+
+    monkeypatch.setattr(run_mod, "model_source", building_source)
+    for module in (run_mod, loop):
+        monkeypatch.setattr(module, "reset_peak", alloc.reset)
+    for module in (loop, readings):
+        monkeypatch.setattr(module, "memory_now", alloc.reading)
+    summary = run_mod.run(compose(["optim.max_steps=2", "logger=none", "eval=loss", "eval.every_steps=0"]))
+    assert summary["summary/peak_memory_gib"] == 0.5
+
+
 def test_run_info_recreates_the_run(default_run):
     _, out, _, _ = default_run
     info = json.loads((out / "run_info.json").read_text())
-    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40"]
+    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
     assert info["config"]["lora"]["r"] == 16
     assert info["packages"]["torch"] and info["packages"]["bitsandbytes"]
     assert len(info["dataset_fingerprint"]) == 16 and info["device"]["device"] == "cpu"

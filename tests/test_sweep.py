@@ -81,11 +81,20 @@ def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
     assert runs["1"]["summary"]["summary/status"] == "failed_nan"
 
 
+def test_job_dirs_and_wandb_runs_are_named_by_the_swept_keys(sweep):
+    """Only what varies (the data path by its file name), not the constant overrides (checkpointing=none,
+    optim.max_steps=3, ...); the W&B runs carry the same names."""
+    _, _, jobs, _ = sweep
+    assert sorted(jobs) == ["0_micro_batch_size=192,path=clean.jsonl", "1_micro_batch_size=192,path=poisoned.jsonl",
+                            "2_micro_batch_size=4,path=clean.jsonl", "3_micro_batch_size=4,path=poisoned.jsonl"]
+    assert {read_run(d)["run"].display_name for d in jobs.values()} == set(jobs)
+
+
 def test_compare_writes_the_table_and_plots(sweep):
     out, _, _, _ = sweep
     res = compare(out / "sweep")
-    assert res["header"][:3] == ["job", "data.micro_batch_size", "data.path"]
-    assert [r[3] for r in res["rows"]] == ["finished", "failed_nan", "finished", "failed_nan"]
+    assert res["header"][:4] == ["rank", "job", "data.micro_batch_size", "data.path"]
+    assert [r[4] for r in res["rows"]] == ["finished", "finished", "failed_nan", "failed_nan"]  # ranked
     assert "| finished |" in res["markdown"].read_text()
     assert len(res["csv"].read_text().splitlines()) == 5
     for png in res["plots"]:
@@ -99,6 +108,76 @@ def test_resume_skips_finished_jobs(sweep, cache_dir):
     assert res.stdout.count("skipped (sweep.resume=true)") == 2
     assert {n: (jobs[n] / "metrics.jsonl").stat().st_mtime for n in before} == before
     assert res.returncode == 1  # the failed jobs ran again, and failed again
+
+
+def _fake_sweep(root, jobs):
+    """A sweep dir as train.py -m leaves it, from (name, overrides, summary) triples: no training needed."""
+    for name, overrides, summary in jobs:
+        d = root / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        (d / "summary.json").write_text(json.dumps(summary))
+        (d / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "train/loss": 3.0 - s / 10}) + "\n"
+                                                 for s in (1, 2, 3)))
+    return root
+
+
+def _done(peak, eval_loss, exact, **more):
+    return {"summary/status": "finished", "summary/final_loss": 2.5, "summary/eval_loss": eval_loss,
+            "summary/eval_exact_match": exact, "summary/eval_char_f1": exact / 2, "summary/tokens_per_s": 100.0,
+            "summary/peak_memory_gib": peak, "summary/overhead_s": 20.0, **more}
+
+
+@pytest.fixture
+def fake_sweep(tmp_path):
+    return _fake_sweep(tmp_path, [
+        ("0_r=8", ["lora.r=8", "optim.max_steps=12"], _done(1.0, 2.0, 0.2)),
+        ("1_r=16", ["lora.r=16", "optim.max_steps=12"], _done(1.5, 1.8, 0.5)),
+        ("2_r=32", ["lora.r=32", "optim.max_steps=12"], _done(2.0, 1.7, 0.4)),
+        ("3_r=64", ["lora.r=64", "optim.max_steps=12"], {"summary/status": "failed_oom", "summary/reason": "OOM"}),
+    ])
+
+
+def test_compare_ranks_by_a_task_metric_higher_is_better(fake_sweep):
+    """Task metrics beside loss, memory and tokens/s; ranked by the first score every finished job has (exact
+    match, higher is better); the Pareto front on the job's own peak and that score: r=32 (2.0 GiB, 0.4) is beaten
+    by r=16 (1.5 GiB, 0.5)."""
+    res = compare(fake_sweep)
+    assert res["metric"] == "summary/eval_exact_match"
+    assert res["header"] == ["rank", "job", "lora.r", "status", "final_loss", "eval_loss", "eval_exact_match",
+                             "eval_char_f1", "tokens_per_s", "peak_memory_gib", "overhead_s", "pareto"]
+    assert [(r[0], r[1], r[-1]) for r in res["rows"]] == [(1, "1_r=16", "*"), (2, "2_r=32", ""), (3, "0_r=8", "*"),
+                                                          ("", "3_r=64", "")]
+    assert "Ranked by eval_exact_match (higher is better)" in res["markdown"].read_text()
+    assert [p.name for p in res["plots"]] == ["loss_curves.png", "memory_vs_eval_exact_match.png"]
+
+
+def test_compare_metric_option_picks_the_axis_and_its_direction(fake_sweep):
+    """--metric eval_loss: lower is better, and r=32's lower loss puts it on the front."""
+    res = compare(fake_sweep, "eval_loss")
+    assert [(r[1], r[-1]) for r in res["rows"]] == [("2_r=32", "*"), ("1_r=16", "*"), ("0_r=8", "*"), ("3_r=64", "")]
+    assert [p.name for p in res["plots"]] == ["loss_curves.png", "memory_vs_loss.png"]
+    with pytest.raises(SystemExit, match="--metric eval_bleu: no job reports it as a quality metric; choose one of: "
+                                         "eval_char_f1, eval_exact_match, eval_loss, final_loss"):
+        compare(fake_sweep, "eval_bleu")
+
+
+def test_make_compare_runs_the_report(fake_sweep):
+    res = subprocess.run(["make", "-s", "compare", f"SWEEP={fake_sweep}", "METRIC=eval_char_f1"], cwd=ROOT,
+                         capture_output=True, text=True, env=child_env(), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Ranked by eval_char_f1" in res.stdout and (fake_sweep / "memory_vs_eval_char_f1.png").is_file()
+
+
+def test_jobs_share_the_compile_caches_in_the_sweep_dir(tmp_path, monkeypatch):
+    from qlora_lab.runner.sweep import job_env
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/mine")
+    env = job_env(tmp_path)
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / ".compile_cache" / "inductor")
+    assert env["TRITON_CACHE_DIR"] == "/mine"  # what the user set wins
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
 
 
 def test_pareto_front_on_a_hand_made_example():

@@ -40,7 +40,8 @@ def records(path: Path):
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:
-    """{'run': Record.run, 'config': {...}, 'history': [{...}], 'summary': {...}} of the one run under run_dir."""
+    """{'run': Record.run, 'config': {...}, 'history': [{...}], 'summary': {...}, 'artifacts': [Record.artifact],
+    'dir': the offline run's dir} of the one run under run_dir."""
     runs = read_runs(run_dir)
     assert len(runs) == 1, f"expected one offline W&B run under {run_dir}, found {len(runs)}"
     return runs[0]
@@ -51,8 +52,17 @@ def read_runs(run_dir: Path) -> list[dict[str, Any]]:
     return [read_file(f) for f in sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"))]
 
 
+def read_table(run: dict[str, Any], name: str) -> dict[str, Any]:
+    """{'columns': [...], 'data': [[...], ...]} of the last table `name` logged to `run` (a read_file result). The
+    history holds a reference ({name}/path); the rows are a JSON file under the offline run's files/."""
+    refs = [h[f"{name}/path"] for h in run["history"] if f"{name}/path" in h]
+    assert refs, f"no table {name} in the W&B run; history keys: {sorted({k for h in run['history'] for k in h})}"
+    return json.loads((run["dir"] / "files" / refs[-1]).read_text())
+
+
 def read_file(path: Path) -> dict[str, Any]:
-    out: dict[str, Any] = {"run": None, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"run": None, "config": {}, "history": [], "summary": {}, "artifacts": [],
+                           "dir": Path(path).parent}
     for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
@@ -63,6 +73,8 @@ def read_file(path: Path) -> dict[str, Any]:
         elif kind == "history":
             out["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                    for i in rec.history.item})
+        elif kind == "artifact":
+            out["artifacts"].append(rec.artifact)
         elif kind == "summary":
             out["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
                                    for i in rec.summary.update})

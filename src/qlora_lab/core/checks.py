@@ -130,6 +130,9 @@ def _run(cfg: TrainConfig) -> list[str]:
         p.append("checkpointing.offload_to_cpu=true needs checkpointing.enabled=true (or checkpointing=offload)")
     if cfg.logger.log_every < 1:
         p.append(f"logger.log_every={cfg.logger.log_every} must be >= 1")
+    if cfg.logger.log_adapter and (cfg.logger.name == "none" or cfg.logger.mode == "disabled"):
+        p.append("logger.log_adapter=true needs a W&B run to attach the adapter to; use logger=wandb, or drop it "
+                 "(the adapter is saved in <run dir>/adapter either way)")
     if cfg.save.every_steps < 0:
         p.append(f"save.every_steps={cfg.save.every_steps} must be >= 0 (0 = no periodic checkpoints)")
     if cfg.save.keep_last < 1:

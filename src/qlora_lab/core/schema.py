@@ -304,6 +304,7 @@ class LoggerConfig(Frozen):
     mode: WandbMode = MISSING
     log_every: int = MISSING  # steps between metric records
     progress_bar: bool = MISSING
+    log_adapter: bool = MISSING  # the saved adapter as a W&B artifact (type model) of the run
 
 
 @dataclass

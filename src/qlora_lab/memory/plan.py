@@ -126,16 +126,28 @@ def predicted_metrics(ledger: Ledger) -> dict[str, float]:
     return {f"ledger/{p}/predicted_gib": ledger.phases[p] / GIB for p in PHASES}
 
 
-def compare(ledger: Ledger, measured: dict[str, float]) -> tuple[dict[str, float], str]:
-    """Predicted vs measured (GiB) for each phase measured; the flat metrics and a printable table."""
-    metrics: dict[str, float] = {}
-    lines = [f"{'phase':<22} {'predicted':>10} {'measured':>10} {'diff':>8}"]
+def item_rows(ledger: Ledger) -> list[dict[str, Any]]:
+    """The predicted ledger, one row per component (a W&B table at the start of a run, any device)."""
+    return [{"component": i.name, "kind": i.kind, "gib": i.bytes / GIB, "formula_inputs": i.inputs,
+             "in_peak": i.name in ledger.peak_terms} for i in ledger.items]
+
+
+def phase_rows(ledger: Ledger, measured: dict[str, float]) -> list[dict[str, Any]]:
+    """Predicted vs measured GiB for each phase measured (a W&B table at the end of a CUDA run)."""
+    rows = []
     for p in PHASES:
-        if p not in measured:
-            continue
-        pred, meas = ledger.phases[p] / GIB, measured[p]
-        err = (pred - meas) / meas * 100 if meas else float("nan")
-        metrics.update({f"ledger/{p}/predicted_gib": pred, f"ledger/{p}/measured_gib": meas,
-                        f"ledger/{p}/error_pct": err})
-        lines.append(f"{p:<22} {pred:10.3f} {meas:10.3f} {err:+7.1f}%")
-    return metrics, "\n".join(lines)
+        if p in measured:
+            pred, meas = ledger.phases[p] / GIB, measured[p]
+            rows.append({"phase": p, "predicted_gib": pred, "measured_gib": meas,
+                         "error_pct": (pred - meas) / meas * 100 if meas else float("nan")})
+    return rows
+
+
+def compare(ledger: Ledger, measured: dict[str, float]) -> tuple[dict[str, float], str, list[dict[str, Any]]]:
+    """Predicted vs measured (GiB) for each phase measured: the flat metrics, a printable table and its rows."""
+    rows = phase_rows(ledger, measured)
+    metrics = {f"ledger/{r['phase']}/{k}": r[k] for r in rows for k in ("predicted_gib", "measured_gib", "error_pct")}
+    lines = [f"{'phase':<22} {'predicted':>10} {'measured':>10} {'diff':>8}"]
+    lines += [f"{r['phase']:<22} {r['predicted_gib']:10.3f} {r['measured_gib']:10.3f} {r['error_pct']:+7.1f}%"
+              for r in rows]
+    return metrics, "\n".join(lines), rows

@@ -42,6 +42,14 @@ def memory_now(device: str) -> dict[str, float]:
             "peak_reserved_gib": _peak_rss_bytes() / GIB}
 
 
+def peak_scope(device: str) -> str:
+    """What `summary/peak_memory_gib` is, said in the summary itself (a sweep table compares like with like)."""
+    if device == "cuda":
+        return ("max over training steps of torch.cuda.max_memory_allocated, reset after each step; step 1's window "
+                "opens once the weights' source is ready: loading and quantizing count, a random-init build does not")
+    return "max over training steps of the process's resident set at the end of the step (the CPU has no allocator peak)"
+
+
 def reset_peak(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()

@@ -95,6 +95,8 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
                 model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         model.save_pretrained(tmp)
         del model
+        if device == "cuda":  # hand the build's blocks back: the run that follows measures its own memory
+            torch.cuda.empty_cache()
         try:
             os.rename(tmp, target)
         except OSError:  # another job built it first: theirs is as good as ours

@@ -1,10 +1,17 @@
 """Compare the jobs of a sweep from their local files (no W&B account needed).
 
-  python -m qlora_lab.runner.compare outputs/multirun/<sweep>      # or: make compare SWEEP=outputs/multirun/<sweep>
+  python -m qlora_lab.runner.compare outputs/multirun/<sweep>                          # or: make compare SWEEP=...
+  python -m qlora_lab.runner.compare outputs/multirun/<sweep> --metric eval_exact_match
 
-Writes into the sweep dir: compare.md and compare.csv (one row per job: the overrides that vary, status, final
-loss, eval loss, tokens/s, peak memory), loss_curves.png (train loss of every job overlaid) and
-memory_vs_loss.png (peak memory against loss, tokens/s as colour, the Pareto front of memory and loss marked).
+Writes into the sweep dir: compare.md and compare.csv (one row per job, best first by the quality metric: the keys
+the sweep varies, status, losses, every task metric the jobs evaluated, tokens/s, the job's own peak memory,
+per-job overhead, and whether the job is on the Pareto front), loss_curves.png (train loss of every job overlaid)
+and memory_vs_<metric>.png (peak memory against the quality metric, tokens/s as colour, the Pareto front marked;
+memory_vs_loss.png for a loss).
+
+The quality metric (`--metric`) is any summary metric with a direction: losses are better lower, scores (exact
+match, F1, ROUGE) higher. Without `--metric`: the first task metric every finished job has, else the eval loss,
+else the final train loss.
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-COLUMNS = ["summary/status", "summary/final_loss", "summary/eval_loss", "summary/tokens_per_s",
-           "summary/peak_memory_gib"]
+from qlora_lab.core.goals import goal
+
+HEAD = ["summary/status", "summary/final_loss", "summary/eval_loss"]
+TAIL = ["summary/tokens_per_s", "summary/peak_memory_gib", "summary/overhead_s"]
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -63,14 +72,63 @@ def varying(jobs: list[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({d.get(k) for d in per_job}) > 1] or keys
 
 
-def table_rows(jobs: list[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    axes = varying(jobs)
-    header = ["job", *axes, "status", "final_loss", "eval_loss", "tokens_per_s", "peak_memory_gib"]
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _finished(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [j for j in jobs if j["summary"].get("summary/status") == "finished"]
+
+
+def task_metrics(jobs: list[dict[str, Any]]) -> list[str]:
+    """Every `summary/eval_<metric>` of a score (not the loss) that some job reports, in first-seen order."""
+    keys = [k for j in jobs for k in j["summary"] if k.startswith("summary/eval_") and goal(k) == "max"]
+    return list(dict.fromkeys(keys))
+
+
+def quality_metric(jobs: list[dict[str, Any]], chosen: str | None = None) -> str:
+    """The summary key the report ranks by and plots against memory (see the module doc)."""
+    if chosen:
+        key = chosen if chosen.startswith("summary/") else f"summary/{chosen}"
+        if goal(key) is None or not any(key in j["summary"] for j in jobs):
+            known = sorted({k.split("/", 1)[1] for j in jobs for k, v in j["summary"].items() if goal(k) and _finite(v)})
+            raise SystemExit(f"--metric {chosen}: no job reports it as a quality metric; choose one of: "
+                             f"{', '.join(known) or '(none: did any job finish?)'}")
+        return key
+    done = _finished(jobs)
+    for key in [*task_metrics(jobs), "summary/eval_loss"]:
+        if done and all(_finite(j["summary"].get(key)) for j in done):
+            return key
+    return "summary/final_loss"
+
+
+def ranked(jobs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """Jobs best first by `metric`; jobs without a finite value last, in their sweep order."""
+    sign = 1 if goal(metric) == "min" else -1
+    return sorted(jobs, key=lambda j: (0, sign * j["summary"][metric]) if _finite(j["summary"].get(metric))
+                  else (1, 0))
+
+
+def front_of(jobs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """The finished jobs on the Pareto front of the job's own peak memory and `metric` (each in its direction)."""
+    done = [j for j in _finished(jobs) if _finite(j["summary"].get(metric))
+            and _finite(j["summary"].get("summary/peak_memory_gib"))]
+    sign = 1 if goal(metric) == "min" else -1
+    pts = [(j["summary"]["summary/peak_memory_gib"], sign * j["summary"][metric]) for j in done]
+    return [done[i] for i in pareto_front(pts)]
+
+
+def table_rows(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], list[list[Any]]]:
+    axes, tasks = varying(jobs), task_metrics(jobs)
+    columns = [*HEAD, *tasks, *TAIL]
+    on_front = {j["name"] for j in front_of(jobs, metric)}
+    header = ["rank", "job", *axes, *(c.split("/", 1)[1] for c in columns), "pareto"]
     rows = []
-    for job in jobs:
-        ov = _as_dict(job["overrides"])
-        s = job["summary"]
-        rows.append([job["name"], *[ov.get(a, "") for a in axes], *[s.get(c) for c in COLUMNS]])
+    for i, job in enumerate(ranked(jobs, metric), 1):
+        ov, s = _as_dict(job["overrides"]), job["summary"]
+        rank = i if _finite(s.get(metric)) else ""
+        rows.append([rank, job["name"], *[ov.get(a, "") for a in axes], *[s.get(c) for c in columns],
+                     "*" if job["name"] in on_front else ""])
     return header, rows
 
 
@@ -80,9 +138,11 @@ def _fmt(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def write_tables(sweep_dir: Path, header: list[str], rows: list[list[Any]]) -> tuple[Path, Path]:
+def write_tables(sweep_dir: Path, header: list[str], rows: list[list[Any]], metric: str) -> tuple[Path, Path]:
     md, cs = sweep_dir / "compare.md", sweep_dir / "compare.csv"
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    best = "lower" if goal(metric) == "min" else "higher"
+    lines = [f"Ranked by {metric.split('/', 1)[1]} ({best} is better); pareto: on the front of peak memory and "
+             f"{metric.split('/', 1)[1]}.", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     md.write_text("\n".join(lines) + "\n")
     with open(cs, "w", newline="") as f:
@@ -92,7 +152,7 @@ def write_tables(sweep_dir: Path, header: list[str], rows: list[list[Any]]) -> t
     return md, cs
 
 
-def plot(sweep_dir: Path, jobs: list[dict[str, Any]]) -> list[Path]:
+def plot(sweep_dir: Path, jobs: list[dict[str, Any]], metric: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -114,48 +174,48 @@ def plot(sweep_dir: Path, jobs: list[dict[str, Any]]) -> list[Path]:
     fig.savefig(out[-1], dpi=120)
     plt.close(fig)
 
-    done = [j for j in jobs if j["summary"].get("summary/status") == "finished"]
+    name = metric.split("/", 1)[1]
+    done = [j for j in _finished(jobs) if _finite(j["summary"].get(metric))
+            and _finite(j["summary"].get("summary/peak_memory_gib"))]
     fig, ax = plt.subplots(figsize=(8, 5))
     if done:
-        loss_key = "summary/eval_loss" if all(_finite(j["summary"].get("summary/eval_loss")) for j in done) \
-            else "summary/final_loss"
-        pts = [(j["summary"]["summary/peak_memory_gib"], j["summary"][loss_key]) for j in done]
+        pts = [(j["summary"]["summary/peak_memory_gib"], j["summary"][metric]) for j in done]
         tps = [j["summary"].get("summary/tokens_per_s", 0.0) for j in done]
         sc = ax.scatter(*zip(*pts), c=tps, cmap="viridis", s=60, zorder=3)
         fig.colorbar(sc, ax=ax, label="tokens/s")
         for (x, y), j in zip(pts, done):
             ax.annotate(label(j), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        front = pareto_front(pts)
-        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "r--", zorder=2, label="Pareto front")
+        front = [(j["summary"]["summary/peak_memory_gib"], j["summary"][metric]) for j in front_of(jobs, metric)]
+        ax.plot(*zip(*front), "r--", zorder=2, label="Pareto front")
         ax.legend(fontsize=8)
-        ax.set(ylabel=loss_key.split("/")[1].replace("_", " "))
-    ax.set(xlabel="peak memory (GiB)", title=f"Memory vs loss: {sweep_dir.name}")
+    better = "lower" if goal(metric) == "min" else "higher"
+    ax.set(xlabel="peak memory (GiB), the job's own", ylabel=f"{name.replace('_', ' ')} ({better} is better)",
+           title=f"Memory vs {name.replace('_', ' ')}: {sweep_dir.name}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    out.append(sweep_dir / "memory_vs_loss.png")
+    out.append(sweep_dir / ("memory_vs_loss.png" if goal(metric) == "min" else f"memory_vs_{name}.png"))
     fig.savefig(out[-1], dpi=120)
     plt.close(fig)
     return out
 
 
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
-
-
-def compare(sweep_dir: Path) -> dict[str, Any]:
+def compare(sweep_dir: Path, metric: str | None = None) -> dict[str, Any]:
     jobs = load_jobs(sweep_dir)
     if not jobs:
         raise SystemExit(f"{sweep_dir}: no job directories with a summary.json; is this a multirun dir?")
-    header, rows = table_rows(jobs)
-    md, cs = write_tables(sweep_dir, header, rows)
-    pngs = plot(sweep_dir, jobs)
-    return {"markdown": md, "csv": cs, "plots": pngs, "rows": rows, "header": header}
+    key = quality_metric(jobs, metric)
+    header, rows = table_rows(jobs, key)
+    md, cs = write_tables(sweep_dir, header, rows, key)
+    pngs = plot(sweep_dir, jobs, key)
+    return {"markdown": md, "csv": cs, "plots": pngs, "rows": rows, "header": header, "metric": key}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("sweep_dir", type=Path)
-    res = compare(ap.parse_args().sweep_dir)
+    ap.add_argument("--metric", help="the quality metric to rank by and plot, e.g. eval_exact_match, eval_loss")
+    args = ap.parse_args()
+    res = compare(args.sweep_dir, args.metric)
     print(res["markdown"].read_text())
     print("wrote", res["markdown"], res["csv"], *res["plots"])
 

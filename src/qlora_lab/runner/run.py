@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,7 +38,7 @@ from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
 from qlora_lab.data.tokenize import Example, build_examples
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
-from qlora_lab.memory.readings import PhaseReadings, reset_peak
+from qlora_lab.memory.readings import PhaseReadings, peak_scope, reset_peak
 from qlora_lab.model import BuiltModel, build_model, model_source
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
@@ -57,6 +58,13 @@ from qlora_lab.train.signals import SignalsRaise
 # Overrides that change where or how a run reports, not what it computes: no W&B tag for them.
 NOT_TAGS = ("cache_dir", "output_dir", "logger.progress_bar", "logger.mode", "sweep.resume", "resume=", "overwrite=",
             "hydra.")
+# The config keys that say what an adapter artifact is (the base model, its quantization, the LoRA shape).
+ADAPTER_METADATA = ("model.name", "model.path", "quantization.", "lora.", "seed")
+
+
+def process_age_s() -> float:
+    """Seconds since this process started: a sweep job's own process, so its interpreter start and imports count."""
+    return time.time() - psutil.Process().create_time()
 
 
 def seed_everything(seed: int) -> None:
@@ -172,12 +180,13 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         if resume and resume.ckpt:  # training continues in the checkpoint's run dir (resume=<path> may name another)
             out_dir = checkpoint.run_dir_of(resume.ckpt)
         seed_everything(cfg.seed)
-        t_start = time.perf_counter()
         loading = True
 
         phases = PhaseReadings(device)
-        reset_peak(device)
         source = model_source(spec, dist)
+        # After the source: building a random-init model (the first job of a sweep on a shape) is not this run's
+        # memory. From here every peak is the run's own, loading and quantizing included (readings.peak_scope).
+        reset_peak(device)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
         data = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt,
                               cfg.data.system_prompt)
@@ -210,11 +219,14 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         if dist.main and resume:
             record_resume(out_dir, checkpoint=resume.ckpt, step=resume.step, overrides=list(spec.overrides),
                           differences=resume.allowed, previous=previous)
+        if resume is None or resume.ckpt is None:  # what the ledger predicted, item by item, beside the measured
+            logger.table("ledger/items", plan.item_rows(ledger), step=0)
         if dist.main:
             print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
                   + (f", {dist.world} processes ({dist.strategy})" if dist.active else ""))
 
+        startup_s = process_age_s()
         checkpointer = checkpoint.Checkpointer(out_dir, cfg.save.keep_last, spec.config(), data_fingerprint, dist)
         evaluator = Evaluator(cfg.eval, list(cfg.data.metrics), rows, eval_set, built.tokenizer,
                               int(spec.cfg.data.micro_batch_size), device, dist, cfg.data.system_prompt)
@@ -223,6 +235,10 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
         if not dist.main:
             return summary
+        if cfg.logger.log_adapter:  # what the adapter is, for a reader of the artifact (W&B allows 100 keys)
+            about = {k: v for k, v in flatten(spec.config()).items() if k.startswith(ADAPTER_METADATA)}
+            logger.artifact(adapter_dir, "adapter", "model", {"run_name": cfg.run_name, **about})
+        wall_s = process_age_s()
         ledger_table = _ledger_vs_measured(ledger, phases, summary, logger) if device == "cuda" else ""
         summary.update({
             "summary/trainable_params": built.trainable,
@@ -230,7 +246,10 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             "summary/train_rows": len(train_set),
             "summary/dropped_rows": len(data.dropped),
             "summary/truncated_rows": len(data.truncated),
-            "summary/wall_time_s": time.perf_counter() - t_start,
+            "summary/peak_memory_scope": peak_scope(device),
+            "summary/startup_s": startup_s,  # process start -> the first step: imports, data, load, W&B
+            "summary/wall_time_s": wall_s,  # process start -> now
+            "summary/overhead_s": wall_s - summary["summary/train_time_s"],  # what was not the steps
             "summary/status": str(Status.finished),
             "summary/micro_batch": int(spec.cfg.data.micro_batch_size),
             "summary/kernels": str(spec.cfg.model.kernels),
@@ -339,8 +358,9 @@ def _ledger_vs_measured(ledger: Ledger, phases: PhaseReadings, summary: dict[str
     difference per phase to every sink; returns the printable table."""
     measured = {p: phases.measured(p) for p in plan.PHASES[:-1] if phases.measured(p) is not None}
     measured["step_peak"] = summary["summary/peak_memory_gib"]
-    metrics, table = plan.compare(ledger, measured)
+    metrics, table, rows = plan.compare(ledger, measured)
     logger.log(metrics, step=summary["summary/steps"])
+    logger.table("ledger/phases", rows, step=summary["summary/steps"])
     summary.update(metrics)
     return table
 

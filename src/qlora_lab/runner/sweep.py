@@ -25,12 +25,29 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.core.errors import Status
+from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.runner.run import run
 from qlora_lab.runner.rundir import held_run
 from qlora_lab.sinks.summary import read_summary, record_failure
 
 SUMMARY_FILE = "sweep_summary.jsonl"
+COMPILE_CACHE = ".compile_cache"  # in the sweep dir
+
+
+def job_env(sweep_dir: Path) -> dict[str, str]:
+    """The environment of a job's training process. torch.compile's caches (inductor's FX graphs and kernels, AOT
+    autograd's graphs, Triton's kernels) go into the sweep dir, on any node that sees it (Slurm) and whatever a
+    machine does with /tmp: a job whose layers compile to the graphs an earlier job compiled (a sweep over lr, seed,
+    data) loads them instead of compiling; a sweep over shapes (lora.r, micro-batch) shares the kernels its graphs
+    have in common. The caches key on the graph, the inputs' shapes and dtypes and the torch/Triton versions, so a
+    job never gets kernels of another graph. A variable the user set is kept."""
+    cache = sweep_dir.resolve() / COMPILE_CACHE
+    env = dict(os.environ)
+    for key, value in {"TORCHINDUCTOR_CACHE_DIR": cache / "inductor", "TRITON_CACHE_DIR": cache / "triton",
+                       "TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}.items():
+        env.setdefault(key, str(value))
+    return env
 
 
 def _append(path: Path, record: dict[str, Any]) -> None:
@@ -90,13 +107,15 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
             cfg = cfg.copy()
             OmegaConf.update(cfg, "resume", "auto")
         container = OmegaConf.to_container(cfg, resolve=True)
+        t0 = time.perf_counter()
         if cfg.sweep.isolate:
             # A fresh interpreter: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. A plain
             # subprocess rather than multiprocessing, which clashes with the start methods of launchers' workers.
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
             config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
-            proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)])
+            proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)],
+                                    env=job_env(sweep_dir))
             try:
                 proc.wait()
             except KeyboardInterrupt:
@@ -112,6 +131,10 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
                 record_failure(job_dir, e)
         record = read_summary(job_dir) or {"summary/status": str(Status.failed),
                                            "summary/reason": "the job wrote no summary"}
+        # The job as the sweep saw it, process start and exit included; overhead = all that was not its steps.
+        record["job_wall_s"] = time.perf_counter() - t0
+        if record.get("summary/train_time_s") is not None:
+            record["job_overhead_s"] = record["job_wall_s"] - record["summary/train_time_s"]
     record = {"job": job_name, "overrides": overrides, "dir": str(job_dir), **record}
     _append(sweep_dir / SUMMARY_FILE, record)
     return record
@@ -126,15 +149,17 @@ def report(sweep_dir: Path) -> tuple[str, int]:
     for line in path.read_text().splitlines():
         rec = json.loads(line)
         latest[rec["job"]] = rec
-    lines = [f"{'job':<50} {'status':<14} {'final loss':>10} {'peak GiB':>9}  reason"]
+    lines = [f"{'job':<40} {'status':<14} {'final loss':>10} {'peak GiB':>9} {'overhead s':>10}  reason"]
     bad = 0
     for job, rec in latest.items():
         status = rec.get("summary/status", "?")
         bad += status not in [s for s in Status if s.ok]
-        loss, peak = rec.get("summary/final_loss"), rec.get("summary/peak_memory_gib")
+        loss, peak, over = (rec.get(k) for k in ("summary/final_loss", "summary/peak_memory_gib", "job_overhead_s"))
         loss_s = "-" if loss is None else f"{loss:.4f}"
         peak_s = "-" if peak is None else f"{peak:.3f}"
-        lines.append(f"{job[:50]:<50} {status:<14} {loss_s:>10} {peak_s:>9}  {str(rec.get('summary/reason', ''))[:80]}")
+        over_s = "-" if over is None else f"{over:.1f}"
+        lines.append(f"{job[:40]:<40} {status:<14} {loss_s:>10} {peak_s:>9} {over_s:>10}  "
+                     f"{str(rec.get('summary/reason', ''))[:80]}")
     return "\n".join(lines), bad
 
 
@@ -142,6 +167,16 @@ try:
     from hydra.experimental.callback import Callback
 except ImportError:  # pragma: no cover
     Callback = object  # type: ignore[misc,assignment]
+
+
+class SweptKeys(Callback):
+    """At the start of a multirun: the keys it varies, for its jobs' names (`core.resolvers.job_name`). A job's own
+    config holds only its values, not the sweep's, so they travel in the environment, which every launcher hands on
+    to its jobs (in process, joblib workers, submitit)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        keys = swept_keys(config.hydra.overrides.task, OmegaConf.select(config, "hydra.sweeper.params"))
+        os.environ[SWEPT_ENV] = ",".join(keys)
 
 
 class SweepReport(Callback):

@@ -11,7 +11,7 @@ from typing import Any
 from qlora_lab.sinks.summary import json_safe, write_summary
 
 
-TABLES = ("eval/samples",)  # tables written beside metrics.jsonl, as <name with / as _>.jsonl
+TABLES = ("eval/samples", "ledger/items", "ledger/phases")  # written beside metrics.jsonl, as <name, / as _>.jsonl
 
 
 def roll_back(path: Path, step: int) -> None:
@@ -62,6 +62,9 @@ class JsonlSink:
         """Appends the rows to <run dir>/<name with / as _>.jsonl (eval/samples -> eval_samples.jsonl)."""
         with open(table_path(self.path.parent, name), "a", encoding="utf-8") as f:
             f.writelines(json.dumps({"step": step, **row}) + "\n" for row in rows)
+
+    def artifact(self, path: Path, name: str, kind: str, metadata: dict[str, Any]) -> None:
+        """Nothing to do: the directory is in the run dir already."""
 
     def close(self) -> None:
         self._f.close()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -30,6 +31,11 @@ class MetricLogger:
         """Rows of one table (e.g. eval samples) logged at `step`, to every sink that keeps tables."""
         for s in self.sinks:
             s.table(name, rows, step)
+
+    def artifact(self, path: Path, name: str, kind: str, metadata: dict[str, Any]) -> None:
+        """A directory the run produced (e.g. the adapter) as a versioned artifact, to every sink that keeps them."""
+        for s in self.sinks:
+            s.artifact(path, name, kind, metadata)
 
     def close(self) -> None:
         for s in self.sinks:

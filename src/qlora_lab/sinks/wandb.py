@@ -6,6 +6,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from qlora_lab.core.goals import goal
+from qlora_lab.core.schema import Metric
+
+MAX_SUMMARY = ("memory/peak_allocated_gib", "memory/peak_reserved_gib")  # a run's memory is its largest reading
+
 
 class WandbSink:
     """A W&B run whose files live under the run dir (offline by default; `wandb sync` uploads them)."""
@@ -26,6 +31,7 @@ class WandbSink:
                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
         if resume is None:
             self.run = wandb.init(**kw)
+            self._define_metrics()
             return
         run_id, history = resume
         try:
@@ -34,9 +40,18 @@ class WandbSink:
             print(f"qlora-lab: warning: W&B cannot rewind run {run_id} ({type(e).__name__}: {e}); continuing it "
                   "after the last step the server holds", file=sys.stderr)
             self.run = wandb.init(id=run_id, resume="allow", **kw)
+        self._define_metrics()
         for record in history:
             if record["step"] >= self.run.step:
                 self.log({k: v for k, v in record.items() if k != "step" and v is not None}, record["step"])
+
+    def _define_metrics(self) -> None:
+        """What a W&B runs table shows for a metric: each eval metric at its best (min for losses, max for scores;
+        `summary/best_eval_<m>_step` says when), memory at its max, instead of the last value logged."""
+        for m in Metric:
+            self.run.define_metric(f"eval/{m}", summary=goal(f"eval/{m}"))
+        for key in MAX_SUMMARY:
+            self.run.define_metric(key, summary="max")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)
@@ -50,6 +65,13 @@ class WandbSink:
     def summary(self, values: dict[str, Any]) -> None:
         for k, v in values.items():
             self.run.summary[k] = v
+
+    def artifact(self, path: Path, name: str, kind: str, metadata: dict[str, Any]) -> None:
+        """`path` as artifact `<name>-<run id>`. Its files are referenced where they are (policy immutable), not
+        copied to W&B's staging dir in the home directory: the offline run syncs from the run dir alone."""
+        art = self._wandb.Artifact(f"{name}-{self.run.id}", type=kind, metadata=metadata)
+        art.add_dir(str(Path(path).resolve()), policy="immutable")
+        self.run.log_artifact(art)
 
     @property
     def run_id(self) -> str:

@@ -101,7 +101,8 @@ def train(built: BuiltModel, items: list, collator: Collator, evaluator: Evaluat
                                  {"data": stream.state(), "trainer": state.to_checkpoint()})
 
     def evaluate(step: int) -> dict[str, float]:
-        state.eval, samples = evaluator.run(model, engine)
+        evaluation, samples = evaluator.run(model, engine)
+        state.record_eval(step, evaluation)
         if samples:
             logger.table("eval/samples", samples, step)
         if dist.main:
