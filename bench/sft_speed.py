@@ -85,8 +85,11 @@ def train_run(name: str, overrides: list[str], out: Path, timeout: int) -> dict:
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=none", "eval=loss", "eval.every_steps=0",
            "save.every_steps=0", "data.max_eval_rows=8", "logger.progress_bar=false", f"hydra.run.dir={run_dir}"]
     t = time.time()
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    except subprocess.TimeoutExpired:
+        return {"stack": name, "error": f"timed out after {timeout} s"}
     (out / f"{slug(name)}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
     summary = run_dir / "summary.json"
     if res.returncode != 0 or not summary.is_file():
@@ -99,8 +102,20 @@ def train_run(name: str, overrides: list[str], out: Path, timeout: int) -> dict:
             "fill": round(statistics.median(fill), 3) if fill else None, "wall_s": round(time.time() - t)}
 
 
+# The peers run offline, with their own packages first on the path (PEER_PYTHONPATH: a folder with unsloth, trl and
+# what they pin, so that they never change what the qlora-lab runs import).
+PEER_ENV = {"UNSLOTH_DISABLE_STATISTICS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1", "UNSLOTH_COMPILE_LOCATION": "/tmp/unsloth_compiled_cache"}
+
+
 def peer_run(name: str, cmd: list[str], out: Path, timeout: int) -> dict:
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    env = {**os.environ, **PEER_ENV}
+    if os.environ.get("PEER_PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PEER_PYTHONPATH"] + os.pathsep + env.get("PYTHONPATH", "")
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    except subprocess.TimeoutExpired:
+        return {"stack": name, "error": f"timed out after {timeout} s"}
     (out / f"{slug(name)}.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)
     lines = [x for x in res.stdout.splitlines() if x.startswith("{")]
     if not lines:
@@ -126,10 +141,11 @@ def main(a) -> None:
             ("qlora-lab SFT mix, padded", [*common, f"data.path={mix}", "data.packing=false"]),
             ("qlora-lab SFT mix, packed", [*common, f"data.path={mix}", "data.packing=true"])]
     rows = [train_run(name, ov, out, a.timeout) for name, ov in runs]
-    if not a.smoke and (PEERS / "unsloth_sft_peer.py").is_file():
-        for mode in ("padded", "packed"):
-            rows.append(peer_run(f"Unsloth SFT {mode}", [sys.executable, str(PEERS / "unsloth_sft_peer.py"), a.shape,
-                                                         mode, str(a.bs), str(seq)], out, a.timeout))
+    peers = [] if a.smoke or not (PEERS / "unsloth_sft_peer.py").is_file() else a.peers.split(",")
+    for mode in [p for p in peers if p in ("padded", "packed")]:
+        rows.append(peer_run(f"Unsloth SFT {mode}", [sys.executable, str(PEERS / "unsloth_sft_peer.py"), a.shape,
+                                                     mode, str(a.bs), str(seq)], out, a.timeout))
+    if "fixed" in peers:
         rows.append(peer_run("Unsloth fixed rows", [sys.executable, str(PEERS / "unsloth_peer.py"), a.shape,
                                                     str(a.bs), str(seq)], out, a.timeout))
     for r in rows:
@@ -164,5 +180,6 @@ if __name__ == "__main__":
     ap.add_argument("--rows", type=int, default=4000)
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--timeout", type=int, default=900)
+    ap.add_argument("--peers", default="padded,packed,fixed", help="which Unsloth runs (from .peers/) to add")
     ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     main(ap.parse_args())

@@ -15,7 +15,7 @@ import torch
 
 from helpers import launch, step_records
 from qlora_lab.data.batching import Collator, collate, label_count
-from qlora_lab.data.packing import collate_packed, fill_fraction, max_segments, pack
+from qlora_lab.data.packing import collate_packed, fill_fraction, max_segments, pack, segment_slots
 from qlora_lab.data.rows import read_rows
 from qlora_lab.data.tokenize import IGNORE_INDEX, build_examples
 from qlora_lab.model.attention import unpacked
@@ -65,6 +65,11 @@ def spans(bins, length):
     return out
 
 
+def test_segment_slots_are_few_shapes_and_never_too_few():
+    assert [segment_slots(n, 4, 2048) for n in (0, 1, 16, 17, 20, 33)] == [16, 16, 16, 32, 32, 64]
+    assert segment_slots(10_000, 4, 2048) == max_segments(4, 2048) and segment_slots(30, 1, 16) == 9
+
+
 def test_best_fit_decreasing_fills_rows_and_keeps_every_document():
     rng = random.Random(0)
     lengths = [min(2048, max(8, int(rng.lognormvariate(5.86, 0.9)))) for _ in range(3000)]  # median ~350
@@ -82,7 +87,8 @@ def test_collate_packed_labels_positions_and_boundaries(tiny):
     batch = collator(bins)
     length = 64
     assert batch["input_ids"].shape == (len(bins), length) and "attention_mask" not in batch
-    assert batch["cu_seq_lens_q"].shape == (max_segments(len(bins), length) + 1,)
+    segments = sum(len(b) for b in bins) + sum(sum(len(d.input_ids) for d in b) < length for b in bins)
+    assert batch["cu_seq_lens_q"].shape == (segment_slots(segments, len(bins), length) + 1,)
     cu = batch["cu_seq_lens_q"].tolist()
     for r, o, d in spans(bins, length):
         n = len(d.input_ids)
@@ -95,7 +101,7 @@ def test_collate_packed_labels_positions_and_boundaries(tiny):
     assert int(batch["real_tokens"].sum()) == sum(len(d.input_ids) for d in docs)
     assert fill_fraction(bins, length) == int(batch["real_tokens"].sum()) / (len(bins) * length)
     empty = collate_packed([], 2, length, 0)  # a process's stand-in: the same shapes, nothing to learn
-    assert (empty["labels"] == IGNORE_INDEX).all() and empty["cu_seq_lens_q"].shape[0] == max_segments(2, 64) + 1
+    assert (empty["labels"] == IGNORE_INDEX).all() and empty["cu_seq_lens_q"].shape[0] == 16 + 1
 
 
 def test_every_document_computes_in_a_pack_what_it_computes_alone(tiny):

@@ -29,9 +29,19 @@ PACKED = "qlab_packed"
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn
 
-    _VARLEN_GQA = "enable_gqa" in inspect.signature(varlen_attn).parameters  # torch >= 2.12
+    _VARLEN_ARGS = set(inspect.signature(varlen_attn).parameters)
 except ImportError:
-    varlen_attn, _VARLEN_GQA = None, False
+    varlen_attn, _VARLEN_ARGS = None, set()
+_VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS  # torch >= 2.12
+# Causal masking is `window_size=(-1, 0)` in newer releases and `is_causal=True` in the first (2.10).
+_VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
+
+
+def packed_path(device: str, dtype: torch.dtype) -> str:
+    """Which kernel packed rows attend with on `device` in `dtype` (printed when a packed run starts)."""
+    if device == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+        return "varlen_attn (flash, per-document cu_seqlens)"
+    return "SDPA with a block-diagonal causal mask"
 
 
 def block_causal_mask(cu: torch.Tensor, rows: int, length: int) -> torch.Tensor:
@@ -76,13 +86,21 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
                 extra["enable_gqa"] = True
             else:  # torch 2.10/2.11 have no enable_gqa
                 k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+        if "scale" in _VARLEN_ARGS:
+            extra["scale"] = scaling
+        elif scaling is not None and abs(scaling - dim ** -0.5) > 1e-6 * dim ** -0.5:
+            return _masked(query, key, value, cu, scaling, p)  # the first varlen_attn scales by 1/sqrt(dim) only
         max_len = int(kwargs.get("max_length_q") or length)
-        out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, scale=scaling,
-                          window_size=(-1, 0), **extra)  # (-1, 0): causal
+        out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, **_VARLEN_CAUSAL, **extra)
         return out.view(rows, length, heads, dim), None
+    return _masked(query, key, value, cu, scaling, p)
+
+
+def _masked(query, key, value, cu, scaling, p) -> tuple[torch.Tensor, None]:
+    rows, heads, length, _ = query.shape
     mask = block_causal_mask(cu, rows, length)
-    if kv_heads != heads:
-        key, value = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (key, value))
+    if key.shape[1] != heads:
+        key, value = (x.repeat_interleave(heads // key.shape[1], dim=1) for x in (key, value))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=p)
     return out.transpose(1, 2).contiguous(), None
 

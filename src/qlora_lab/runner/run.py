@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.core import dist as dist_mod
 from qlora_lab.core.dist import Dist
+from qlora_lab.core.dtypes import torch_dtype
 from qlora_lab.core.checks import missing_problems
 from qlora_lab.core.errors import ConfigError, OutputError, Status, TrainingInterrupted
 from qlora_lab.core.flat import flatten
@@ -40,6 +41,7 @@ from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.readings import PhaseReadings, peak_scope, reset_peak
 from qlora_lab.model import BuiltModel, build_model, model_source
+from qlora_lab.model.attention import packed_path
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
 from qlora_lab.runner.rundir import check_steps_left, describe, finished_run, held_run, move_aside
@@ -286,7 +288,8 @@ def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool
     bins = [[train_set[i] for i in row] for row in pack([len(e.input_ids) for e in train_set], length)]
     if verbose:
         print(f"qlora-lab: packed {len(train_set)} rows into {len(bins)} rows of {length} tokens "
-              f"(fill {fill_fraction(bins, length):.1%})")
+              f"(fill {fill_fraction(bins, length):.1%}); attention: "
+              f"{packed_path(spec.device, torch_dtype(spec.cfg.model.dtype))}")
     return bins, Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
 
 
