@@ -71,9 +71,11 @@ def max_rel(a: dict[int, dict], b: dict[int, dict], key: str, steps) -> float:
 
 
 # What the multi-process tests share: 12 steps with a checkpoint at 6, no dropout (its masks depend on how rows are
-# split over processes), 4-bit weights packed as bf16 (what FSDP shards).
+# split over processes), 4-bit weights packed as bf16 (what FSDP shards), and the base computing in bf16 as FSDP's
+# param_dtype makes it (dtype auto would be fp32 on the CPU, and step 1 would then differ by bf16 rounding alone).
 DIST_COMMON = ("optim.max_steps=12", "lora.dropout=0", "save.every_steps=6", "eval=loss", "eval.every_steps=0",
-               "quantization.quant_storage=bfloat16", "logger.progress_bar=false")
+               "quantization.quant_storage=bfloat16", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
+               "logger.progress_bar=false")
 
 
 def launch(args: list[str], cache_dir: Path, run_dir: Path, processes: int | None = None,

@@ -127,9 +127,11 @@ def test_the_ledger_is_a_table_in_wandb_and_beside_the_metrics(default_run):
     """The predicted memory ledger, one row per component, logged at the start (any device; the predicted vs
     measured table per phase follows at the end of a CUDA run)."""
     from qlora_lab.memory import plan
+    from qlora_lab.runner.resolve import resolve_spec
 
     cfg, out, _, _ = default_run
-    ledger = plan.predict(OmegaConf.to_object(cfg), int(cfg.data.micro_batch_size))
+    spec = resolve_spec(OmegaConf.to_object(cfg), "cpu")[0]  # what the run predicted from (dtype auto: fp32)
+    ledger = plan.predict(spec.cfg, int(spec.cfg.data.micro_batch_size))
     table = read_table(read_run(out), "ledger/items")
     assert table["columns"] == ["step", "component", "kind", "gib", "formula_inputs", "in_peak"]
     assert [row[1] for row in table["data"]] == [i.name for i in ledger.items]
@@ -154,7 +156,7 @@ def test_the_summary_says_which_peak_and_where_the_time_went(default_run):
     _, out, summary, records = default_run
     saved = json.loads((out / "summary.json").read_text())
     assert "resident set" in saved["summary/peak_memory_scope"]  # on the CPU: no allocator peak
-    steps = [r["train/step_time_s"] for r in records]
+    steps = [r["train/step_time_s"] for r in records if "train/step_time_s" in r]  # not step 0's eval record
     assert saved["summary/first_step_s"] == pytest.approx(steps[0])
     assert saved["summary/train_time_s"] == pytest.approx(STEPS * saved["summary/step_time_s"])
     assert 0 < saved["summary/startup_s"] < saved["summary/wall_time_s"]
