@@ -12,9 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
+
+from qlora_lab.core.paths import written_into_place
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -49,9 +49,7 @@ def ensure_converted(spec: str, cache_dir: str | os.PathLike, name: str) -> Path
     target = Path(cache_dir) / f"{name}-{tag}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with written_into_place(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
         # A model loaded from GGUF keeps its GGUF quantization config and refuses to save as an ordinary
@@ -69,11 +67,4 @@ def ensure_converted(spec: str, cache_dir: str | os.PathLike, name: str) -> Path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del loaded, model
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another job converted it first: theirs is as good as ours
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

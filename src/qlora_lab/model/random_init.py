@@ -11,12 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
-from qlora_lab.core.paths import TINY_DATA
+from qlora_lab.core.paths import TINY_DATA, written_into_place
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Each message is "<|role|>content<|end|>"; a generation prompt opens an assistant turn. Because every turn
@@ -79,9 +77,7 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
     target = Path(cache_dir) / f"{name}-{_fingerprint(recipe)}"
     if (target / "config.json").exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with written_into_place(target) as tmp:
         rows = [json.loads(line) for line in TINY_DATA.read_text(encoding="utf-8").splitlines() if line]
         # The tokenizer never needs more entries than the model has rows; large shapes get a small one
         # (benchmarks feed random ids), which is fine for anything that does not read its text.
@@ -97,11 +93,4 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
         del model
         if device == "cuda":  # hand the build's blocks back: the run that follows measures its own memory
             torch.cuda.empty_cache()
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another job built it first: theirs is as good as ours
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

@@ -36,7 +36,7 @@ from qlora_lab.core.spec import RunSpec
 from qlora_lab.data.batching import Collator
 from qlora_lab.data.packing import fill_fraction, pack
 from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
-from qlora_lab.data.tokenize import Example, build_examples
+from qlora_lab.data.tokenize import Example, Tokenized, build_examples
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.readings import PhaseReadings, peak_scope, reset_peak
@@ -190,15 +190,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
         # memory. From here every peak is the run's own, loading and quantizing included (readings.peak_scope).
         reset_peak(device)
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
-        data = build_examples(rows, source.tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt,
-                              cfg.data.system_prompt)
-        report = data.report()
-        if report and dist.main:
-            print("qlora-lab: data: " + report.replace("\n", "\nqlora-lab: data: "))
-        data.check(cfg.data)
-        if data.dropped:
-            check_size(len(data.examples), cfg.data, micro_batch, dist.world,
-                       after=f" left after truncation dropped {len(data.dropped)}")
+        data = tokenized(spec, rows, source.tokenizer, dist)
         phases.metrics.update(data.metrics())  # logged with step 1 and in the summary
         train_set, eval_set = split_eval(data.examples, cfg.data, cfg.seed)
         items, collator = batching(spec, train_set, source.tokenizer.pad_token_id, dist.main)
@@ -212,17 +204,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             spec, ledger = _prove_micro_batch(spec, ledger, built)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
-        # Only rank 0 reports: one metrics.jsonl, one W&B run, whatever the number of processes.
-        logger = open_logger(spec, out_dir, (resume.wandb_id, resume.step) if resume else None) \
-            if dist.main else MetricLogger([])
-        if dist.main and (resume is None or resume.ckpt is None):
-            write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=built.path,
-                           wandb_id=logger.run_id)
-        if dist.main and resume:
-            record_resume(out_dir, checkpoint=resume.ckpt, step=resume.step, overrides=list(spec.overrides),
-                          differences=resume.allowed, previous=previous)
-        if resume is None or resume.ckpt is None:  # what the ledger predicted, item by item, beside the measured
-            logger.table("ledger/items", plan.item_rows(ledger), step=0)
+        logger = _open_records(spec, out_dir, resume, previous, ledger, data_fingerprint, built.path, dist)
         if dist.main:
             print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
@@ -279,6 +261,21 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             logger.close()
 
 
+def tokenized(spec: RunSpec, rows: list[dict[str, Any]], tokenizer, dist: Dist) -> Tokenized:
+    """The rows rendered and labelled; what truncation did is printed, and a run it would leave with too few rows
+    (data.max_dropped_fraction, or too few to split and batch) is refused here, before the weights load."""
+    cfg = spec.cfg
+    data = build_examples(rows, tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt, cfg.data.system_prompt)
+    report = data.report()
+    if report and dist.main:
+        print("qlora-lab: data: " + report.replace("\n", "\nqlora-lab: data: "))
+    data.check(cfg.data)
+    if data.dropped:
+        check_size(len(data.examples), cfg.data, int(cfg.data.micro_batch_size), dist.world,
+                   after=f" left after truncation dropped {len(data.dropped)}")
+    return data
+
+
 def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool) -> tuple[list, Collator]:
     """What the loop draws micro-batches of: the examples themselves, padded per micro-batch; or, with
     data.packing, rows of model.max_seq_len tokens packed with whole examples, micro_batch_size rows a batch."""
@@ -291,6 +288,24 @@ def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool
               f"(fill {fill_fraction(bins, length):.1%}); attention: "
               f"{packed_path(spec.device, torch_dtype(spec.cfg.model.dtype))}")
     return bins, Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
+
+
+def _open_records(spec: RunSpec, out_dir: Path, resume: Resume | None, previous: dict[str, Any] | None,
+                  ledger: Ledger, data_fingerprint: str, model_path: str, dist: Dist) -> MetricLogger:
+    """The run's sinks, and what re-creates and explains it: run_info.json for a new run (or a restart), the resume
+    record for a continued one, the predicted ledger as a table. Only rank 0 reports: one metrics.jsonl, one W&B
+    run, whatever the number of processes."""
+    if not dist.main:
+        return MetricLogger([])
+    logger = open_logger(spec, out_dir, (resume.wandb_id, resume.step) if resume else None)
+    if resume is None or resume.ckpt is None:
+        write_run_info(out_dir, spec, dataset_fingerprint=data_fingerprint, model_path=model_path,
+                       wandb_id=logger.run_id)
+        logger.table("ledger/items", plan.item_rows(ledger), step=0)  # beside what the run then measures
+    if resume:
+        record_resume(out_dir, checkpoint=resume.ckpt, step=resume.step, overrides=list(spec.overrides),
+                      differences=resume.allowed, previous=previous)
+    return logger
 
 
 def _continue(resume: Resume, out_dir: Path) -> dict[str, Any] | None:
