@@ -272,3 +272,14 @@ def test_refused_command_keeps_the_run_and_its_hydra_record(cache_dir, tmp_path)
     assert "holds an unfinished run (metrics.jsonl up to step 1" in res.stderr and "overwrite=true" in res.stderr
     assert "Traceback" not in res.stderr
     assert _files(run_dir) == before and not (run_dir / rundir.HYDRA_NEW).exists()
+
+
+def test_a_run_dir_named_by_hydra_interpolations_is_guarded_too(cache_dir, tmp_path):
+    """The default run dir is named with ${hydra:...} interpolations, which resolve only once Hydra has set its
+    config; the guard resolves them before that (it used to warn and let the run through)."""
+    run_dir = tmp_path / "train" / "run"  # ${hydra:job.name} is the script's name
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "train/loss": 6.6}\n')
+    res = train_py(["optim.max_steps=2", "logger=none"], cache_dir, f"{tmp_path}/${{hydra:job.name}}")
+    assert res.returncode == 2 and "holds an unfinished run" in res.stderr, res.stderr[-2000:]
+    assert "RunDirGuard" not in res.stderr and "Traceback" not in res.stderr

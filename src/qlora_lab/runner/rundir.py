@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, open_dict, read_write
+from hydra.conf import HydraConf
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from qlora_lab.core.dist import launched_rank
 from qlora_lab.core.errors import CheckpointError, Status
@@ -212,6 +214,10 @@ class RunDirGuard(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if launched_rank() > 0 or config.hydra.output_subdir is None:  # rank 0 alone writes the run dir
             return
+        # The run dir's name reads ${hydra:...} (the overrides, the job): Hydra sets the config those resolve from
+        # only when the job starts, after this callback; set it now, as the job will.
+        if OmegaConf.get_type(config.hydra) is HydraConf:  # (a hand-made config in a test has none to set)
+            HydraConfig.instance().set_config(config)
         raw = str(config.hydra.run.dir)
         why = _dir_problem("hydra.run.dir", raw)
         if why:
