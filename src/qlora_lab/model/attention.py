@@ -37,9 +37,14 @@ _VARLEN_GQA = "enable_gqa" in _VARLEN_ARGS  # torch >= 2.12
 _VARLEN_CAUSAL = {"window_size": (-1, 0)} if "window_size" in _VARLEN_ARGS else {"is_causal": True}
 
 
+def _varlen_serves(is_cuda: bool, dtype: torch.dtype) -> bool:
+    """varlen_attn (flash) runs on CUDA in half precision, where torch has it."""
+    return is_cuda and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16)
+
+
 def packed_path(device: str, dtype: torch.dtype) -> str:
     """Which kernel packed rows attend with on `device` in `dtype` (printed when a packed run starts)."""
-    if device == "cuda" and varlen_attn is not None and dtype in (torch.float16, torch.bfloat16):
+    if _varlen_serves(device == "cuda", dtype):
         return "varlen_attn (flash, per-document cu_seqlens)"
     return "SDPA with a block-diagonal causal mask"
 
@@ -70,30 +75,33 @@ def packed_attention(module, query: torch.Tensor, key: torch.Tensor, value: torc
     if attention_mask is not None:
         raise ValueError("a packed batch got an attention_mask: padding masks would replace document isolation; "
                          "packed batches carry no attention_mask")
-    rows, heads, length, dim = query.shape
+    length, dim = query.shape[2], query.shape[3]
     if key.shape[2] != length:
         raise ValueError(f"packed attention got {key.shape[2]} keys for {length} queries (a KV cache?): packed rows "
                          "are trained without a cache (model.config.use_cache=false)")
-    kv_heads = key.shape[1]
     p = dropout if module.training else 0.0
-    if query.is_cuda and varlen_attn is not None and p == 0.0 and query.dtype in (torch.float16, torch.bfloat16):
-        q = query.transpose(1, 2).reshape(rows * length, heads, dim)
-        k = key.transpose(1, 2).reshape(rows * length, kv_heads, dim)
-        v = value.transpose(1, 2).reshape(rows * length, kv_heads, dim)
-        extra = {}
-        if kv_heads != heads:
-            if _VARLEN_GQA:
-                extra["enable_gqa"] = True
-            else:  # torch 2.10/2.11 have no enable_gqa
-                k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
-        if "scale" in _VARLEN_ARGS:
-            extra["scale"] = scaling
-        elif scaling is not None and abs(scaling - dim ** -0.5) > 1e-6 * dim ** -0.5:
-            return _masked(query, key, value, cu, scaling, p)  # the first varlen_attn scales by 1/sqrt(dim) only
-        max_len = int(kwargs.get("max_length_q") or length)
-        out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, **_VARLEN_CAUSAL, **extra)
-        return out.view(rows, length, heads, dim), None
+    # The first varlen_attn (torch 2.10) takes no scale and scales by 1/sqrt(dim): another scale takes the mask path.
+    scale_ok = "scale" in _VARLEN_ARGS or scaling is None or abs(scaling - dim ** -0.5) <= 1e-6 * dim ** -0.5
+    if p == 0.0 and scale_ok and _varlen_serves(query.is_cuda, query.dtype):
+        return _varlen(query, key, value, cu, kwargs, scaling), None
     return _masked(query, key, value, cu, scaling, p)
+
+
+def _varlen(query, key, value, cu, kwargs, scaling) -> torch.Tensor:
+    rows, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    q = query.transpose(1, 2).reshape(rows * length, heads, dim)
+    k = key.transpose(1, 2).reshape(rows * length, kv_heads, dim)
+    v = value.transpose(1, 2).reshape(rows * length, kv_heads, dim)
+    extra = {"scale": scaling} if "scale" in _VARLEN_ARGS else {}
+    if kv_heads != heads:
+        if _VARLEN_GQA:
+            extra["enable_gqa"] = True
+        else:  # torch 2.10/2.11 have no enable_gqa
+            k, v = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (k, v))
+    max_len = int(kwargs.get("max_length_q") or length)
+    out = varlen_attn(q, k, v, cu, kwargs.get("cu_seq_lens_k", cu), max_len, max_len, **_VARLEN_CAUSAL, **extra)
+    return out.view(rows, length, heads, dim)
 
 
 def _masked(query, key, value, cu, scaling, p) -> tuple[torch.Tensor, None]:

@@ -51,7 +51,6 @@ class Evaluator:
         self.generative = [n for n in self.names if n in METRICS]
         chosen = eval_set if cfg.max_rows == 0 else eval_set[:cfg.max_rows]
         self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer, system_prompt) if self.generative else []
-        self.best: dict[str, float] = {}
 
     def due(self, step: int, steps: int) -> bool:
         every = self.cfg.every_steps
