@@ -134,13 +134,17 @@ def main(a) -> None:
     per_word = tokens_per_word(mdir) if mdir else 1.5
     mix, fixed = out / "sft_mix.jsonl", out / "fixed.jsonl"
     write_rows(mix, lengths(a.rows, seq), per_word)
-    write_rows(fixed, [seq - 16] * a.rows, per_word)  # a little under seq: the chat template adds its tokens
+    # Longer than seq: truncation at model.max_seq_len cuts every fixed row to exactly seq tokens, so the fixed-row
+    # run has no padding at all (rows a little under seq would be padded to the longest of each batch, with a mask).
+    write_rows(fixed, [seq + max(4, seq // 32)] * a.rows, per_word)
     common = [*shape_args, f"model.max_seq_len={seq}", f"optim.max_steps={a.steps}", f"cache_dir={a.cache}",
               f"data.micro_batch_size={a.bs}", "data=jsonl"]
     runs = [("qlora-lab fixed rows", [*common, f"data.path={fixed}", "data.packing=false"]),
             ("qlora-lab SFT mix, padded", [*common, f"data.path={mix}", "data.packing=false"]),
             ("qlora-lab SFT mix, packed", [*common, f"data.path={mix}", "data.packing=true"])]
-    rows = [train_run(name, ov, out, a.timeout) for name, ov in runs]
+    chosen = a.runs.split(",")
+    rows = [train_run(name, ov, out, a.timeout) for key, (name, ov) in zip(("fixed", "padded", "packed"), runs)
+            if key in chosen]
     peers = [] if a.smoke or not (PEERS / "unsloth_sft_peer.py").is_file() else a.peers.split(",")
     for mode in [p for p in peers if p in ("padded", "packed")]:
         rows.append(peer_run(f"Unsloth SFT {mode}", [sys.executable, str(PEERS / "unsloth_sft_peer.py"), a.shape,
@@ -150,7 +154,7 @@ def main(a) -> None:
                                                     str(a.bs), str(seq)], out, a.timeout))
     for r in rows:
         print(json.dumps(r), flush=True)
-    fixed_tok = rows[0].get("tok_s")
+    fixed_tok = next((r.get("tok_s") for r in rows if r["stack"] == "qlora-lab fixed rows"), None)
     packed_peer = next((r.get("tok_s") for r in rows if r["stack"] == "Unsloth SFT packed"), None)
     print(f"\n## Variable-length SFT rows, {'tiny (smoke)' if a.smoke else a.shape}, micro-batch {a.bs} x {seq}"
           f" ({_device_name()})\n")
@@ -181,5 +185,6 @@ if __name__ == "__main__":
     ap.add_argument("--cache", default=DEFAULT_CACHE)
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--peers", default="padded,packed,fixed", help="which Unsloth runs (from .peers/) to add")
+    ap.add_argument("--runs", default="fixed,padded,packed", help="which qlora-lab runs")
     ap.add_argument("--smoke", action="store_true", help="the tiny model on the CPU: checks the script")
     main(ap.parse_args())
