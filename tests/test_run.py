@@ -161,6 +161,27 @@ def test_the_summary_says_which_peak_and_where_the_time_went(default_run):
     assert saved["summary/train_time_s"] == pytest.approx(STEPS * saved["summary/step_time_s"])
     assert 0 < saved["summary/startup_s"] < saved["summary/wall_time_s"]
     assert saved["summary/overhead_s"] == pytest.approx(saved["summary/wall_time_s"] - saved["summary/train_time_s"])
+    # The spans tile the process's life up to the summary: their sum is the wall time (the adapter save ends both;
+    # the slack is the few statements between the last mark and the wall-time reading).
+    spans = {k: v for k, v in saved.items() if k.startswith("time/") and k != "time/eval_s"}
+    assert list(spans) == [f"time/{s}_s" for s in ("launch", "validate", "read_data", "model_source", "tokenize",
+                                                   "build_model", "open_records", "train", "save_adapter")]
+    assert sum(spans.values()) == pytest.approx(saved["summary/wall_time_s"], abs=0.05)
+    assert 0 < saved["time/eval_s"] < saved["time/train_s"]  # evaluations ran within the training span
+
+
+def test_timeline_spans_tile_the_process_and_parts_nest(monkeypatch):
+    from qlora_lab.core import timing
+
+    clock = iter([10.0, 13.0, 13.5])
+    monkeypatch.setattr(timing, "now", lambda: next(clock))
+    t = timing.Timeline(start=8.0)
+    assert t.mark("launch") == 2.0
+    t.mark("train")
+    t.part("eval", "train", 1.5)
+    t.mark("train")  # a span closed twice adds up
+    assert t.metrics() == {"time/launch_s": 2.0, "time/train_s": 3.5, "time/eval_s": 1.5}
+    assert t.line() == "launch 2.0 s, train 3.5 s (eval 1.5 s)"
 
 
 def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch):

@@ -33,6 +33,7 @@ from qlora_lab.core.errors import ConfigError, OutputError, Status, TrainingInte
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
+from qlora_lab.core.timing import Timeline
 from qlora_lab.data.batching import Collator
 from qlora_lab.data.packing import fill_fraction, pack
 from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
@@ -138,11 +139,14 @@ def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist)
 
 def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> dict[str, Any]:
     """Train (or plan) one run described by `cfg`; returns its summary metrics."""
+    timeline = Timeline()
+    timeline.mark("launch")  # the interpreter's start, imports, Hydra's composition
     if isinstance(cfg, DictConfig) and OmegaConf.missing_keys(cfg):  # `???` left in a YAML: say which, not a trace
         raise ConfigError(missing_problems(sorted(OmegaConf.missing_keys(cfg))))
     tcfg: TrainConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     device = validate(tcfg)  # every problem that can be found without a model, all at once
     spec, ledger, budget = resolve_spec(tcfg, device, list(overrides or []))
+    timeline.mark("validate")
     if spec.cfg.mode == "plan":
         print(plan.plan_report(spec.cfg, ledger, budget, list(spec.overrides)))
         return {"summary/status": str(Status.planned), "summary/predicted_peak_gib": ledger.peak_gib,
@@ -151,12 +155,12 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     dist = dist_mod.setup(spec.cfg.distributed, device)
     try:
         with SignalsRaise():  # SIGTERM while loading or saving is recorded like Ctrl-C, not a silent exit
-            return _train_run(spec, ledger, budget, dist)
+            return _train_run(spec, ledger, budget, dist, timeline)
     finally:
         dist_mod.teardown(dist)
 
 
-def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) -> dict[str, Any]:
+def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, timeline: Timeline) -> dict[str, Any]:
     cfg, device = spec.cfg, spec.device
     # Every process writes into rank 0's run dir (their Hydra dirs agree anyway, see resolvers.launch_time).
     out_dir = Path(dist.broadcast(cfg.output_dir))
@@ -183,12 +187,14 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             out_dir = checkpoint.run_dir_of(resume.ckpt)
         seed_everything(cfg.seed)
         loading = True
+        timeline.mark("read_data")
 
         phases = PhaseReadings(device)
         source = model_source(spec, dist)
         # After the source: building a random-init model (the first job of a sweep on a shape) is not this run's
         # memory. From here every peak is the run's own, loading and quantizing included (readings.peak_scope).
         reset_peak(device)
+        timeline.mark("model_source")  # a random-init build or a GGUF conversion, else the tokenizer's load
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
         data = tokenized(spec, rows, source.tokenizer, dist)
         phases.metrics.update(data.metrics())  # logged with step 1 and in the summary
@@ -199,12 +205,15 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
                              out_dir)
         previous = _continue(resume, out_dir) if resume and dist.main else None
         own_dir = True
+        timeline.mark("tokenize")
         built = build_model(spec, source, dist, phases.read)
+        timeline.mark("build_model")  # load, quantize, prepare, adapt, wrap
         if "data.micro_batch_size" in spec.resolved and device == "cuda" and (resume is None or resume.ckpt is None):
             spec, ledger = _prove_micro_batch(spec, ledger, built)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
         logger = _open_records(spec, out_dir, resume, previous, ledger, data_fingerprint, built.path, dist)
+        timeline.mark("open_records")  # run_info.json, W&B's start
         if dist.main:
             print(f"qlora-lab: {cfg.run_name}: {built.trainable:,} trainable / {built.total:,} parameters, "
                   f"{len(train_set)} train / {len(eval_set)} eval rows, device={device}, out={out_dir}"
@@ -216,12 +225,15 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
                               int(spec.cfg.data.micro_batch_size), device, dist, cfg.data.system_prompt)
         summary = train(built, items, collator, evaluator, spec, logger, phases, run_dir=out_dir,
                         checkpointer=checkpointer, resume_from=resume.ckpt if resume else None, dist=dist)
+        timeline.mark("train")  # the steps, step 1's compile, evaluations, checkpoints
+        timeline.part("eval", "train", evaluator.seconds)
         adapter_dir = save_adapter(built.model, built.tokenizer, out_dir, dist)
         if not dist.main:
             return summary
         if cfg.logger.log_adapter:  # what the adapter is, for a reader of the artifact (W&B allows 100 keys)
             about = {k: v for k, v in flatten(spec.config()).items() if k.startswith(ADAPTER_METADATA)}
             logger.artifact(adapter_dir, "adapter", "model", {"run_name": cfg.run_name, **about})
+        timeline.mark("save_adapter")
         wall_s = process_age_s()
         ledger_table = _ledger_vs_measured(ledger, phases, summary, logger) if device == "cuda" else ""
         summary.update({
@@ -240,6 +252,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
             "summary/predicted_peak_gib": ledger.peak_gib,
             "summary/adapter_dir": str(adapter_dir),
         })
+        summary.update(timeline.metrics())
         logger.summary({**summary, **phases.metrics})
         _print_summary(summary, phases)
         if ledger_table:
@@ -259,6 +272,9 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist) 
     finally:
         if logger is not None:
             logger.close()
+            if dist.main:  # after the summary: W&B's close is the one span it cannot hold
+                timeline.mark("close_records")
+                print(f"qlora-lab: time: {timeline.line()}")
 
 
 def tokenized(spec: RunSpec, rows: list[dict[str, Any]], tokenizer, dist: Dist) -> Tokenized:

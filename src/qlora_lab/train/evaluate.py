@@ -7,6 +7,7 @@ and a table of `eval.samples` (prompt, reference, prediction) per evaluation.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class Evaluator:
         self.generative = [n for n in self.names if n in METRICS]
         chosen = eval_set if cfg.max_rows == 0 else eval_set[:cfg.max_rows]
         self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer, system_prompt) if self.generative else []
+        self.seconds = 0.0  # spent evaluating so far (part of the training span of a run's time)
 
     def due(self, step: int, steps: int) -> bool:
         every = self.cfg.every_steps
@@ -59,6 +61,13 @@ class Evaluator:
     def run(self, model, engine) -> tuple[dict[str, float], list[dict[str, Any]]]:
         """({"eval/<metric>": value}, sample rows) of the current weights; `engine` runs the loss (DDP/FSDP),
         `model` (the PEFT model) generates. Samples and metrics are complete on rank 0 only."""
+        start = time.perf_counter()
+        try:
+            return self._run(model, engine)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def _run(self, model, engine) -> tuple[dict[str, float], list[dict[str, Any]]]:
         metrics: dict[str, float] = {}
         if "loss" in self.names:
             metrics["eval/loss"] = evaluate_loss(engine, self.eval_set, self.micro_batch,
