@@ -8,13 +8,13 @@ every token that ends a turn in the chat template, not only the tokenizer's eos 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from qlora_lab.data.tokenize import to_messages
+from qlora_lab.model.layers import eager_layers
 
 # Special tokens that end an assistant turn in common chat templates (the tiny model's template ends with <|end|>).
 END_OF_TURN = ("<|end|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<end_of_turn>")
@@ -52,12 +52,6 @@ def stop_token_ids(tokenizer, model) -> list[int]:
     return sorted(i for i in ids if isinstance(i, int) and i >= 0)
 
 
-def _eager():
-    """Compiled decoder layers would recompile for every new length; generation runs them eagerly."""
-    stance = getattr(torch.compiler, "set_stance", None)
-    return stance("force_eager") if stance is not None else contextlib.nullcontext()
-
-
 @torch.no_grad()
 def generate(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
              stop_ids: list[int], synced: bool = False) -> list[str]:
@@ -75,7 +69,7 @@ def generate(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tok
     model.eval()
     out: list[str] = []
     try:
-        with _eager():
+        with eager_layers():
             for start in range(0, len(texts), batch_size):
                 enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
                                 add_special_tokens=False).to(device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from qlora_lab.core.schema import ModelConfig
@@ -16,6 +18,14 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
         raise ValueError(f"{type(base).__name__} names no decoder layer class (_no_split_modules={sorted(names)}); "
                          "use distributed=ddp and model.compile=none")
     return layers
+
+
+def eager_layers():
+    """Compiled layers run eagerly for the duration: evaluation and generation, whose batches come in shapes
+    (padded eval rows, each new generated length) that would each cost a recompile, several seconds apiece, for a
+    handful of forwards."""
+    stance = getattr(torch.compiler, "set_stance", None)
+    return stance("force_eager") if stance is not None else contextlib.nullcontext()
 
 
 def compile_layers(model: torch.nn.Module, m: ModelConfig, backend: str = "inductor",

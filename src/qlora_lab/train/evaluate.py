@@ -19,6 +19,7 @@ from qlora_lab.data.tokenize import Example
 from qlora_lab.evaluation.generate import generate, prompts_of, stop_token_ids
 from qlora_lab.evaluation.metrics import METRICS, exact_match, score
 from qlora_lab.model.attention import unpacked
+from qlora_lab.model.layers import eager_layers
 from qlora_lab.model.parallel import gathered_root
 from qlora_lab.train.step import count_label_tokens, forward_loss
 
@@ -32,7 +33,7 @@ def evaluate_loss(model, eval_set: list[Example], micro_batch: int, pad_id: int,
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    with unpacked(model):
+    with unpacked(model), eager_layers():
         for batch in batches(eval_set, micro_batch, Collator(pad_id)):
             n = count_label_tokens(batch)
             total += float(forward_loss(model, batch, device, 1)) if n else 0.0
