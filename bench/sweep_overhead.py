@@ -42,7 +42,9 @@ def job_rows(sweep_dir: Path, end: float) -> list[dict]:
         summary = json.loads((job / "summary.json").read_text()) if (job / "summary.json").is_file() else {}
         rows.append({"job": job.name, "wall_s": wall, "train_s": train, "overhead_s": wall - train,
                      "first_step_extra_s": steps[0] - median, "steps": len(steps),
-                     "startup_s": summary.get("summary/startup_s")})  # written by newer versions only
+                     "startup_s": summary.get("summary/startup_s"),  # written by newer versions only
+                     "spans": {k[5:-2]: v for k, v in summary.items() if k.startswith("time/")},
+                     "process_s": summary.get("summary/wall_time_s")})
     return rows
 
 
@@ -62,6 +64,7 @@ def main() -> None:
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     end = time.time()
+    (a.out / "sweep.log").write_text(res.stdout + "\n---stderr---\n" + res.stderr)  # the jobs' own lines
     if res.returncode != 0:
         sys.exit(f"the sweep failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
     rows = job_rows(a.out, end)
@@ -71,6 +74,13 @@ def main() -> None:
         startup = "-" if r["startup_s"] is None else f"{r['startup_s']:.1f}"
         print(f"| {r['job']} | {r['steps']} | {r['wall_s']:.1f} | {r['train_s']:.1f} | {r['overhead_s']:.1f} | "
               f"{startup} | {r['first_step_extra_s']:.1f} |")
+    spans = list(dict.fromkeys(k for r in rows for k in r["spans"]))
+    if spans:  # where each job's time went (time/<span>_s of its summary); "after" = W&B close, exit, next start
+        print("\n| job | " + " | ".join(spans) + " | after |\n|---|" + "---|" * (len(spans) + 1))
+        for r in rows:
+            after = r["wall_s"] - r["process_s"] if r["process_s"] else float("nan")
+            print(f"| {r['job']} | " + " | ".join(f"{r['spans'].get(k, float('nan')):.1f}" for k in spans)
+                  + f" | {after:.1f} |")
     later = [r["overhead_s"] for r in rows[1:]]
     if later:
         print(f"mean overhead of jobs 1..{len(rows) - 1}: {statistics.mean(later):.1f} s "

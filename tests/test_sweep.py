@@ -81,6 +81,40 @@ def test_wandb_runs_share_a_group_with_tags_and_summary_keys(sweep):
     assert runs["1"]["summary"]["summary/status"] == "failed_nan"
 
 
+def test_jobs_fork_from_the_warm_process_and_keep_the_injected_faults(sweep):
+    """sweep.warm_start (the default): every job is a process forked from the one that imported the libraries, and
+    what a process-wide patch does (the fault injection poisoning jobs 1 and 3, see sweep_args) still reaches it."""
+    _, _, jobs, _ = sweep
+    status = {n[0]: _summary(d)["summary/status"] for n, d in jobs.items()}
+    assert status["1"] == status["3"] == "failed_nan"
+    assert {_summary(jobs[n])["summary/process_start"] for n in jobs if status[n[0]] == "finished"} == {"warm_fork"}
+
+
+def test_a_cold_sweep_runs_each_job_in_its_own_interpreter(cache_dir, tmp_path):
+    res = train_py(["-m", "lora.r=4", "sweep.warm_start=false", *COMMON], cache_dir, tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (job,) = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert _summary(job)["summary/process_start"] == "interpreter"
+
+
+def test_the_warm_process_preloads_real_modules_and_a_bad_fork_names_the_fix(compose, monkeypatch):
+    """The server skips a module it cannot import without a word, so every preloaded name must exist; and a job
+    forked after CUDA was initialised says what to do instead of failing at its first CUDA call."""
+    import importlib.util
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from qlora_lab.runner import sweep as sweep_mod
+
+    names = sweep_mod.preload(OmegaConf.to_object(compose([])))
+    assert "transformers.models.llama.modeling_llama" in names
+    assert all(importlib.util.find_spec(n) is not None for n in names), names
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    with pytest.raises(RuntimeError, match="sweep.warm_start=false"):
+        sweep_mod._forked("unused.json", dict(os.environ), os.getcwd())
+
+
 def test_job_dirs_and_wandb_runs_are_named_by_the_swept_keys(sweep):
     """Only what varies (the data path by its file name), not the constant overrides (checkpointing=none,
     optim.max_steps=3, ...); the W&B runs carry the same names."""

@@ -336,7 +336,8 @@ class PlanConfig(Frozen):
 class SweepConfig(Frozen):
     """How the jobs of a multirun (-m) run."""
 
-    isolate: bool = MISSING  # train each job in a fresh process
+    isolate: bool = MISSING  # train each job in a process of its own
+    warm_start: bool = MISSING  # isolated jobs fork from a process that imported the libraries once
     resume: bool = MISSING  # rerunning a sweep into its hydra.sweep.dir skips jobs that already finished
     gpus: Optional[list[int]] = MISSING  # GPUs jobs may take, one job per GPU at a time; null = all visible
 

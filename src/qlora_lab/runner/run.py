@@ -13,6 +13,7 @@ constraints, each for a reason:
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 import sys
 import time
@@ -243,6 +244,9 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
             "summary/dropped_rows": len(data.dropped),
             "summary/truncated_rows": len(data.truncated),
             "summary/peak_memory_scope": peak_scope(device),
+            # how the process began: its own interpreter, or forked from a sweep's warm process (sweep.warm_start),
+            # whose imports its time spans do not include
+            "summary/process_start": "warm_fork" if multiprocessing.parent_process() else "interpreter",
             "summary/startup_s": startup_s,  # process start -> the first step: imports, data, load, W&B
             "summary/wall_time_s": wall_s,  # process start -> now
             "summary/overhead_s": wall_s - summary["summary/train_time_s"],  # what was not the steps

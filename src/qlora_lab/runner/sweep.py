@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -33,6 +34,14 @@ from qlora_lab.sinks.summary import read_summary, record_failure
 
 SUMMARY_FILE = "sweep_summary.jsonl"
 COMPILE_CACHE = ".compile_cache"  # in the sweep dir
+# What the warm process imports once for every job it forks (sweep.warm_start): the package's pipeline with torch,
+# transformers and peft under it, W&B, torch.compile's front end and FSDP; `preload` adds the sweep's model class.
+# Nothing here may initialise CUDA (a fork after that cannot use the GPU; `_forked` says so if one did): the
+# imports that read the GPU's properties (bitsandbytes, liger's kernels, inductor's Triton check) are each job's.
+PRELOAD = ["qlora_lab.runner.run", "qlora_lab.runner.sweep", "wandb", "torch._dynamo", "torch.distributed.fsdp"]
+# torch.cuda.is_available() asks NVML instead of initialising the CUDA driver, so that the warm process stays
+# forkable whatever its imports ask (torch's documented switch for this).
+NVML_CHECK = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
 
 
 def job_env(sweep_dir: Path) -> dict[str, str]:
@@ -77,6 +86,65 @@ def _take_gpu(lock_dir: Path, gpus: list[int] | None):
         time.sleep(1.0)
 
 
+def _forked(config_path: str, env: dict[str, str], cwd: str) -> None:
+    """A job forked from the warm process: the job's environment and directory, then the job."""
+    import torch
+
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    if torch.cuda._is_in_bad_fork():  # a preloaded import initialised CUDA in the warm process
+        raise RuntimeError("the sweep's warm process initialised CUDA, so its forks cannot use the GPU; run the "
+                           "sweep with sweep.warm_start=false (and report the model, kernels and versions)")
+    _child(Path(config_path))
+
+
+def preload(cfg: DictConfig) -> list[str]:
+    """PRELOAD and the transformers modeling module of this sweep's model (the server skips a module that does not
+    exist)."""
+    from qlora_lab.model.source import model_config
+
+    kind = model_config(cfg.model).model_type
+    return PRELOAD + [f"transformers.models.{kind}.modeling_{kind}"]
+
+
+_warm: multiprocessing.context.BaseContext | None = None
+
+
+def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.context.BaseContext:
+    """The forkserver context whose server has imported `preload(cfg)` (started, once per sweep process, by the
+    first job: that job pays the imports, every later one forks from them). The server starts with `env`, the
+    jobs' environment, so that what the compiler reads at import (its cache settings) is the jobs'."""
+    global _warm
+    if _warm is None:
+        os.environ.update({**env, **NVML_CHECK})  # the server inherits this process's environment when it starts
+        _warm = multiprocessing.get_context("forkserver")
+        _warm.set_forkserver_preload(preload(cfg))
+    return _warm
+
+
+class _Job:
+    """A job's training process: forked from the warm process (sweep.warm_start) or a fresh interpreter."""
+
+    def __init__(self, config_path: Path, env: dict[str, str], warm: DictConfig | None):
+        if warm is not None:
+            self.proc = _warm_context(warm, env).Process(target=_forked, args=(str(config_path), {**env, **NVML_CHECK},
+                                                                      os.getcwd()), name=config_path.parent.name)
+            self.proc.start()
+        else:
+            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)], env=env)
+
+    def wait(self) -> None:
+        if isinstance(self.proc, subprocess.Popen):
+            self.proc.wait()
+        else:
+            self.proc.join()
+
+    def stop(self) -> None:
+        self.proc.terminate()  # SIGTERM: the job records itself as interrupted
+        self.wait()
+
+
 def _child(config_path: Path) -> None:
     """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
     container = json.loads(config_path.read_text())
@@ -109,18 +177,18 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
         container = OmegaConf.to_container(cfg, resolve=True)
         t0 = time.perf_counter()
         if cfg.sweep.isolate:
-            # A fresh interpreter: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. A plain
-            # subprocess rather than multiprocessing, which clashes with the start methods of launchers' workers.
+            # A process of its own: no CUDA context, allocator cache or peak RSS inherited from earlier jobs. Forked
+            # from a warm process that imported the libraries once (sweep.warm_start: a fork is a new process,
+            # with its own CUDA context and peaks; its interpreter start and imports are already done), or a fresh
+            # interpreter. multiprocessing's explicit forkserver context leaves launchers' own start methods alone.
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
             config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
-            proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)],
-                                    env=job_env(sweep_dir))
+            job = _Job(config_path, job_env(sweep_dir), cfg if cfg.sweep.warm_start else None)
             try:
-                proc.wait()
+                job.wait()
             except KeyboardInterrupt:
-                proc.terminate()
-                proc.wait()
+                job.stop()
                 _append(sweep_dir / SUMMARY_FILE, {"job": job_name, "overrides": overrides,
                                                    "summary/status": str(Status.interrupted)})
                 raise
