@@ -14,6 +14,7 @@ and `split_eval` and packing work on indices and the stored `length` column.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -136,13 +137,22 @@ def build(rows: list[dict[str, Any]], tokenizer, s: Settings, num_proc: int, wor
                                   "kept": datasets.Value("bool"), "row": datasets.Value("int64")})
     # JSON text, not Arrow structs: rows of other shapes (messages vs prompt/response, extra keys) share a column
     source = datasets.Dataset.from_dict({"json": [json.dumps(r) for r in rows], "row": list(range(len(rows)))})
-    bars = datasets.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    try:
+    with _quiet():
         return source.map(_tokenize_batch, batched=True, batch_size=256, fn_kwargs={"tokenizer": tokenizer, "s": s},
                           remove_columns=["json"], features=features, num_proc=num_proc if num_proc > 1 else None,
                           keep_in_memory=work_dir is None, new_fingerprint="qlora-lab-tokenize",
                           cache_file_name=str(work_dir / "map.arrow") if work_dir is not None else None)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """datasets' progress bars off: the run prints one line saying what happened."""
+    import datasets
+
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -209,7 +219,8 @@ def load_or_build(rows: list[dict[str, Any]], rows_fingerprint: str, tokenizer, 
         shutil.rmtree(target, ignore_errors=True)  # only a whole store is renamed into place: this one broke later
     with written_into_place(target, whole=MARKER) as tmp:
         built = build(rows, tokenizer, s, procs, work_dir=tmp / "work")
-        built.save_to_disk(str(tmp / "data"))
+        with _quiet():
+            built.save_to_disk(str(tmp / "data"))
         del built
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / MARKER).write_text(json.dumps({"key": key, "rows": len(rows), "format": FORMAT}))
