@@ -33,8 +33,8 @@ from qlora_lab.core.errors import ConfigError, DataError, OutputError, Status, T
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
-from qlora_lab.data.batching import Collator
 from qlora_lab.data import store
+from qlora_lab.data.batching import Collator
 from qlora_lab.data.packing import PackedRows, lengths_of, pack
 from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
 from qlora_lab.data.tokenize import Example, Tokenized
