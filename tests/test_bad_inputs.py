@@ -26,6 +26,8 @@ from qlora_lab.train import checkpoint
 CONFIG_CASES = [
     ("lora_r_negative", ["lora.r=-4"], "lora.r=-4 must be a positive integer (e.g. lora.r=16)"),
     ("lora_r_zero", ["lora.r=0"], "lora.r=0 must be a positive integer"),
+    ("num_proc_negative", ["data.num_proc=-2"], "data.num_proc=-2 must be an integer >= 1 (processes that tokenize)"),
+    ("num_proc_not_a_number", ["data.num_proc=many"], "data.num_proc='many' must be an integer >= 1"),
     ("lora_alpha_zero", ["lora.alpha=0"], "try lora.alpha=2*r"),
     ("lora_dropout_one", ["lora.dropout=1.0"], "lora.dropout=1.0 must be in [0, 1)"),
     ("lora_targets_empty", ["lora.target_modules=[]"], "use [all-linear] or name modules"),

@@ -3,7 +3,9 @@
 A test puts this directory on the child's PYTHONPATH; Python then imports this file at start-up, before any
 project code. It wraps two seams of the pipeline:
 
-- `qlora_lab.data.tokenize.tokenize_row`: the source rows whose text contains POISON are remembered;
+- `qlora_lab.data.tokenize.tokenize_row`: the source rows whose text contains POISON are remembered (a replaced
+  tokenize_row makes the tokenized store tokenize in this process on every run, never from or into the cache:
+  data/store.py, so this side effect is never skipped);
 - `qlora_lab.train.step.forward_loss`: a micro-batch holding one of those rows gets a NaN loss, exactly as a
   numerically broken batch would, so the NaN guard, the job's status and the sweep's bookkeeping see a real
   non-finite step.

@@ -76,6 +76,9 @@ def _data(cfg: TrainConfig, device: str) -> list[str]:
     if d.source == "jsonl" and d.split != "train":
         p.append(f"data.split={d.split} applies to data=hf; a .jsonl file is one split (remove it, or give that "
                  "split's file as data.path)")
+    if d.num_proc != "auto" and not (isinstance(d.num_proc, int) and not isinstance(d.num_proc, bool)
+                                     and d.num_proc >= 1):
+        p.append(f"data.num_proc={d.num_proc!r} must be an integer >= 1 (processes that tokenize) or auto")
     mb = d.micro_batch_size
     if mb != "auto" and not (isinstance(mb, int) and not isinstance(mb, bool) and mb > 0):
         p.append(f"data.micro_batch_size={mb!r} must be a positive integer or auto")

@@ -15,10 +15,11 @@ SHIPPED_CONFIGS = ASSET_DIR / "configs"  # architecture configs of the hub prese
 
 
 @contextlib.contextmanager
-def written_into_place(target: Path) -> Iterator[Path]:
-    """A temporary directory beside `target` to write a checkpoint into, renamed to `target` when the block ends
-    without error: concurrent sweep jobs never see half of one (if another process got there first, its copy
-    stands). Whatever is left of the temporary directory is removed."""
+def written_into_place(target: Path, whole: str = "config.json") -> Iterator[Path]:
+    """A temporary directory beside `target` to write a checkpoint (or another cached directory) into, renamed to
+    `target` when the block ends without error: concurrent sweep jobs never see half of one (if another process got
+    there first, its copy stands: the file `whole` in it says it is complete). Whatever is left of the temporary
+    directory is removed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
@@ -26,7 +27,7 @@ def written_into_place(target: Path) -> Iterator[Path]:
         try:
             os.rename(tmp, target)
         except OSError:  # another job wrote it first: theirs is as good as ours
-            if not (target / "config.json").exists():
+            if not (target / whole).exists():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

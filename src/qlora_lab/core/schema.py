@@ -264,6 +264,11 @@ class DataConfig(Frozen):
     # Pack rows into micro_batch_size rows of model.max_seq_len tokens each, documents isolated in attention
     packing: bool = MISSING
     metrics: list[Metric] = MISSING  # metrics this dataset's task declares, measured beside eval.metrics
+    # Keep the tokenized rows under <cache_dir>/tokenized/<key>/ and memory-map them back in every later run whose
+    # rows, tokenizer, chat template, max_seq_len, mask_prompt and system_prompt are the same (data/store.py)
+    tokenize_cache: bool = MISSING
+    # processes that tokenize: an int >= 1, or "auto" (1 for a small set, more for a large one, at most the CPUs)
+    num_proc: Any = MISSING
 
 
 @dataclass

@@ -15,6 +15,9 @@ still divides by the label tokens of the whole accumulation window.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
 from qlora_lab.data.tokenize import IGNORE_INDEX, Example
@@ -49,19 +52,20 @@ class _Fenwick:
         return pos  # (pos + 1) - 1: tree index back to capacity
 
 
-def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+def pack(lengths: Sequence[int] | np.ndarray, capacity: int) -> list[list[int]]:
     """Best-fit decreasing: indices of `lengths` grouped into rows whose lengths sum to at most `capacity`.
 
     Longest first; each goes into the open row it fills most tightly (the smallest remaining capacity that holds
     it), else a new row. Deterministic (ties by index). O(n log capacity).
     """
-    if any(n > capacity for n in lengths):
-        raise ValueError(f"a document of {max(lengths)} tokens does not fit a row of {capacity}")
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > capacity:
+        raise ValueError(f"a document of {lengths.max()} tokens does not fit a row of {capacity}")
     rows: list[list[int]] = []
     by_capacity: dict[int, list[int]] = {}  # remaining capacity -> open rows with it (last opened last)
     fen = _Fenwick(capacity)
-    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
-        n = lengths[i]
+    # longest first, ties by index (a stable sort of the negated lengths)
+    for i, n in ((int(i), int(lengths[i])) for i in np.argsort(-lengths, kind="stable")):
         smaller = fen.prefix(n - 1) if n > 0 else 0
         if smaller < fen.prefix(capacity):  # some open row has >= n left: take the tightest
             cap = fen.kth(smaller + 1)
@@ -130,3 +134,26 @@ def collate_packed(bins: list[list[Example]], rows: int, length: int, pad_id: in
 def fill_fraction(bins: list[list[Example]], length: int) -> float:
     """Real tokens over the rows' capacity."""
     return sum(len(d.input_ids) for b in bins for d in b) / max(len(bins) * length, 1)
+
+
+class PackedRows(Sequence):
+    """The packed rows of `examples` as `plan` (pack's output) groups them: row j is built when it is drawn, so a
+    run never holds every example (`examples` may be a lazy view over the tokenized store)."""
+
+    def __init__(self, examples: Sequence[Example], plan: list[list[int]]):
+        self.examples, self.plan = examples, plan
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __getitem__(self, j):
+        if isinstance(j, slice):
+            return [self[k] for k in range(*j.indices(len(self)))]
+        return [self.examples[i] for i in self.plan[j]]
+
+
+def lengths_of(examples: Sequence[Example]) -> np.ndarray:
+    """Token counts of `examples`: the store's `length` column when the view has one, else counted."""
+    if hasattr(examples, "lengths"):
+        return examples.lengths()
+    return np.array([len(e.input_ids) for e in examples], dtype=np.int64)

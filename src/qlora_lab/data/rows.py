@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from qlora_lab.core.errors import DataError
 from qlora_lab.core.schema import DataConfig
@@ -132,11 +132,18 @@ def fingerprint(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()[:16]
 
 
-def split_eval(items: list, d: DataConfig, seed: int) -> tuple[list, list]:
-    """(train, eval): a seeded random `eval_count` of `items` held out; the training items keep their order."""
-    order = list(range(len(items)))
+def split_indices(n: int, d: DataConfig, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) positions of `n` items: a seeded random `eval_count` held out; the training ones in order."""
+    order = list(range(n))
     random.Random(seed).shuffle(order)
-    n_eval = eval_count(len(items), d)
-    eval_set = [items[i] for i in order[:n_eval]]
-    train_set = [items[i] for i in sorted(order[n_eval:])]
-    return train_set, eval_set
+    n_eval = eval_count(n, d)
+    return sorted(order[n_eval:]), order[:n_eval]
+
+
+def split_eval(items: Sequence, d: DataConfig, seed: int) -> tuple[Sequence, Sequence]:
+    """(train, eval) of `items` as `split_indices` splits them; a view that can `select` (the tokenized store's)
+    stays a view, so no example is built here."""
+    train, held = split_indices(len(items), d, seed)
+    if hasattr(items, "select"):
+        return items.select(train), items.select(held)
+    return [items[i] for i in train], [items[i] for i in held]

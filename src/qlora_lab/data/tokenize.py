@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from jinja2 import TemplateError
 
@@ -38,7 +38,7 @@ def _rows(indices: list[int]) -> str:
 class Tokenized:
     """The examples that keep a response token, and what truncation did to the rows."""
 
-    examples: list[Example]
+    examples: Sequence[Example]  # a list, or a lazy view over the tokenized store (data/store.py)
     rows: int  # rows tokenized
     dropped: list[int]  # rows whose every response token lies beyond max_len: nothing to learn, left out
     truncated: list[int]  # kept rows cut at max_len (part of their response may be lost)
@@ -121,6 +121,11 @@ def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_
                             "prompt masking cannot find the assistant turns: set data.mask_prompt=false")
         labels[start:end] = ids[start:end]
     return _cut(ids, labels, index, max_len)
+
+
+# The project's own row tokenizer: `tokenize_row` being anything else at run time means a hook replaced it (a test's
+# fault injection, a user's instrumentation), whose side effects the tokenized store must not skip (data/store.py).
+OWN_TOKENIZE_ROW = tokenize_row
 
 
 def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool,

@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import psutil
@@ -30,15 +30,16 @@ from qlora_lab.core import dist as dist_mod
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.dtypes import torch_dtype
 from qlora_lab.core.checks import missing_problems
-from qlora_lab.core.errors import ConfigError, OutputError, Status, TrainingInterrupted
+from qlora_lab.core.errors import ConfigError, DataError, OutputError, Status, TrainingInterrupted
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
 from qlora_lab.core.timing import Timeline
+from qlora_lab.data import store
 from qlora_lab.data.batching import Collator
-from qlora_lab.data.packing import fill_fraction, pack
+from qlora_lab.data.packing import PackedRows, lengths_of, pack
 from qlora_lab.data.rows import check_size, fingerprint, read_rows, split_eval
-from qlora_lab.data.tokenize import Example, Tokenized, build_examples
+from qlora_lab.data.tokenize import Example, Tokenized
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.readings import PhaseReadings, peak_scope, reset_peak
@@ -197,8 +198,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
         reset_peak(device)
         timeline.mark("model_source")  # a random-init build or a GGUF conversion, else the tokenizer's load
         # Tokenize before loading weights: a dataset the tokenizer cannot render fails in seconds, not after a load.
-        data = tokenized(spec, rows, source.tokenizer, dist)
-        phases.metrics.update(data.metrics())  # logged with step 1 and in the summary
+        data, store_metrics = tokenized(spec, rows, data_fingerprint, source.tokenizer, dist)
+        phases.metrics.update({**data.metrics(), **store_metrics})  # logged with step 1 and in the summary
         train_set, eval_set = split_eval(data.examples, cfg.data, cfg.seed)
         items, collator = batching(spec, train_set, source.tokenizer.pad_token_id, dist.main)
         if resume and resume.ckpt:  # every process: they refuse together, before anything is touched
@@ -281,11 +282,36 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
                 print(f"qlora-lab: time: {timeline.line()}")
 
 
-def tokenized(spec: RunSpec, rows: list[dict[str, Any]], tokenizer, dist: Dist) -> Tokenized:
-    """The rows rendered and labelled; what truncation did is printed, and a run it would leave with too few rows
-    (data.max_dropped_fraction, or too few to split and batch) is refused here, before the weights load."""
+def tokenized(spec: RunSpec, rows: list[dict[str, Any]], rows_fingerprint: str, tokenizer, dist: Dist
+              ) -> tuple[Tokenized, dict[str, Any]]:
+    """The rows rendered and labelled, from the tokenized store (built once, or read back from data.tokenize_cache);
+    what truncation did is printed, and a run it would leave with too few rows (data.max_dropped_fraction, or too
+    few to split and batch) is refused here, before the weights load. Returns it with the store's metrics."""
     cfg = spec.cfg
-    data = build_examples(rows, tokenizer, cfg.model.max_seq_len, cfg.data.mask_prompt, cfg.data.system_prompt)
+    settings = store.Settings(cfg.model.max_seq_len, cfg.data.mask_prompt, cfg.data.system_prompt, cfg.data.num_rows)
+    cache = cfg.cache_dir if cfg.data.tokenize_cache else None
+
+    def load() -> store.Outcome:
+        return store.load_or_build(rows, rows_fingerprint, tokenizer, settings, cache, cfg.data.num_proc)
+
+    if cache is None or dist.world == 1:
+        outcome = load()
+    else:  # rank 0 builds the store while the others wait, then they read it back: tokenized once, not N times
+        outcome, failure = None, None
+        if dist.main:
+            try:
+                outcome = load()
+            except Exception as e:  # the others raise too, instead of waiting for a store that never comes
+                failure = e
+        why = dist.broadcast(f"{type(failure).__name__}: {failure}" if failure else None)
+        if failure is not None:
+            raise failure
+        if why is not None:
+            raise DataError(f"rank 0 could not tokenize the rows ({why})")
+        outcome = outcome or load()
+    if dist.main:
+        print("qlora-lab: data: " + outcome.line(len(rows)))
+    data = store.tokenized_from(outcome.dataset, len(rows), cfg.model.max_seq_len)
     report = data.report()
     if report and dist.main:
         print("qlora-lab: data: " + report.replace("\n", "\nqlora-lab: data: "))
@@ -293,21 +319,23 @@ def tokenized(spec: RunSpec, rows: list[dict[str, Any]], tokenizer, dist: Dist) 
     if data.dropped:
         check_size(len(data.examples), cfg.data, int(cfg.data.micro_batch_size), dist.world,
                    after=f" left after truncation dropped {len(data.dropped)}")
-    return data
+    return data, outcome.metrics()
 
 
-def batching(spec: RunSpec, train_set: list[Example], pad_id: int, verbose: bool) -> tuple[list, Collator]:
+def batching(spec: RunSpec, train_set: Sequence[Example], pad_id: int, verbose: bool) -> tuple[Sequence, Collator]:
     """What the loop draws micro-batches of: the examples themselves, padded per micro-batch; or, with
-    data.packing, rows of model.max_seq_len tokens packed with whole examples, micro_batch_size rows a batch."""
+    data.packing, rows of model.max_seq_len tokens packed with whole examples, micro_batch_size rows a batch,
+    planned from the stored lengths and built when drawn."""
     if not spec.cfg.data.packing:
         return train_set, Collator(pad_id)
     length = spec.cfg.model.max_seq_len
-    bins = [[train_set[i] for i in row] for row in pack([len(e.input_ids) for e in train_set], length)]
+    lengths = lengths_of(train_set)
+    bins = pack(lengths, length)
     if verbose:
         print(f"qlora-lab: packed {len(train_set)} rows into {len(bins)} rows of {length} tokens "
-              f"(fill {fill_fraction(bins, length):.1%}); attention: "
+              f"(fill {int(lengths.sum()) / max(len(bins) * length, 1):.1%}); attention: "
               f"{packed_path(spec.device, torch_dtype(spec.cfg.model.dtype))}")
-    return bins, Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
+    return PackedRows(train_set, bins), Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)
 
 
 def _open_records(spec: RunSpec, out_dir: Path, resume: Resume | None, previous: dict[str, Any] | None,

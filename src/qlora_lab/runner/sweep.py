@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.core.errors import Status
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
 from qlora_lab.core.schema import TrainConfig
+from qlora_lab.model.source import model_config
 from qlora_lab.runner.run import run
 from qlora_lab.runner.rundir import held_run
 from qlora_lab.sinks.summary import read_summary, record_failure
@@ -38,7 +39,8 @@ COMPILE_CACHE = ".compile_cache"  # in the sweep dir
 # transformers and peft under it, W&B, torch.compile's front end and FSDP; `preload` adds the sweep's model class.
 # Nothing here may initialise CUDA (a fork after that cannot use the GPU; `_forked` says so if one did): the
 # imports that read the GPU's properties (bitsandbytes, liger's kernels, inductor's Triton check) are each job's.
-PRELOAD = ["qlora_lab.runner.run", "qlora_lab.runner.sweep", "wandb", "torch._dynamo", "torch.distributed.fsdp"]
+PRELOAD = ["qlora_lab.runner.run", "qlora_lab.runner.sweep", "wandb", "datasets", "torch._dynamo",
+           "torch.distributed.fsdp"]
 # torch.cuda.is_available() asks NVML instead of initialising the CUDA driver, so that the warm process stays
 # forkable whatever its imports ask (torch's documented switch for this).
 NVML_CHECK = {"PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
@@ -102,8 +104,6 @@ def _forked(config_path: str, env: dict[str, str], cwd: str) -> None:
 def preload(cfg: DictConfig) -> list[str]:
     """PRELOAD and the transformers modeling module of this sweep's model (the server skips a module that does not
     exist)."""
-    from qlora_lab.model.source import model_config
-
     kind = model_config(cfg.model).model_type
     return PRELOAD + [f"transformers.models.{kind}.modeling_{kind}"]
 
