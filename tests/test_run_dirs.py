@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import compose_run, records, step_records, train_py
+from helpers import compose_run, interactive_signals, records, step_records, train_py
 from qlora_lab.core.errors import CheckpointError, DataError, OutputError, RunDirInUse, TrainingInterrupted, exit_code
 from qlora_lab.runner import run as run_mod
 from qlora_lab.runner import rundir, sweep
@@ -135,9 +135,14 @@ def test_interrupt_while_loading_is_recorded(cache_dir, tmp_path, monkeypatch, s
         time.sleep(5)  # the handler raises before this ends
 
     monkeypatch.setattr(run_mod, "build_model", interrupted)
+    previous = signal.getsignal(signal.SIGINT)
+    interactive_signals()
     out = tmp_path / "run"
-    with pytest.raises(TrainingInterrupted) as e:
-        _run(cache_dir, out, [])
+    try:
+        with pytest.raises(TrainingInterrupted) as e:
+            _run(cache_dir, out, [])
+    finally:
+        signal.signal(signal.SIGINT, previous)
     msg = str(e.value)
     assert f"stopped by {signal.Signals(signum).name}" in msg and "before training started" in msg
     assert "no checkpoint was written" in msg and f"resume=auto hydra.run.dir={out}" in msg

@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from helpers import CONF, ROOT, child_env, train_py
+from helpers import CONF, ROOT, child_env, interactive_signals, train_py
 from qlora_lab.core.paths import TINY_DATA
 from qlora_lab.runner.compare import compare, pareto_front
 from qlora_lab.runner.preflight import validate
@@ -261,7 +261,7 @@ def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path):
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "lora.r=4,8,16", "optim.max_steps=400", "logger=none",
            f"cache_dir={cache_dir}", "logger.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=interactive_signals)
     deadline = time.time() + 120
     while not list((tmp_path / "sweep").glob("0_*/metrics.jsonl")) and time.time() < deadline:
         time.sleep(0.5)
