@@ -27,7 +27,7 @@ def child_env(faults: bool = False, threads: int = 2) -> dict[str, str]:
 
 def interactive_signals() -> None:
     """SIGINT as an interactive shell gives it to a command: delivered (not blocked) and, in Python, raising
-    KeyboardInterrupt. In one 2-core run of the whole suite SIGINT was blocked in the test process by test 333 (a
+    KeyboardInterrupt. In one 2-core run of the whole suite SIGINT was blocked in the test process when test 333 ran (a
     blocked SIGINT reproduces both failures seen: a signal that never arrives, and a sweep child that inherits the
     mask and never stops), so a test that needs Ctrl-C sets that precondition instead of assuming it. For a child
     process use it as `preexec_fn`: the child's Python then installs its own handler, as it does under a shell."""
