@@ -30,7 +30,7 @@ import numpy as np
 from qlora_lab.core.errors import DataError
 from qlora_lab.core.paths import written_into_place
 from qlora_lab.data import tokenize
-from qlora_lab.data.tokenize import IGNORE_INDEX, Example, Tokenized
+from qlora_lab.data.tokenize import Example, Tokenized
 
 FORMAT = 1  # bump when the stored columns change meaning
 MARKER = "store.json"  # written last, inside the temporary directory: a store without it is not whole
@@ -122,7 +122,7 @@ def _tokenize_batch(batch: dict[str, list], tokenizer, s: Settings) -> dict[str,
         out["labels"].append(e.labels)
         out["length"].append(len(e.input_ids))
         out["truncated"].append(e.truncated)
-        out["kept"].append(any(t != IGNORE_INDEX for t in e.labels[1:]))  # as build_examples decides
+        out["kept"].append(tokenize.learns(e))  # as build_examples decides
         out["row"].append(e.row)
     return out
 
@@ -272,6 +272,6 @@ def tokenized_from(dataset, n_rows: int, max_len: int) -> Tokenized:
     truncated = table.column("truncated").to_numpy(zero_copy_only=False)
     row = table.column("row").to_numpy()
     if not kept.any():
-        raise DataError(f"no row keeps a response token within model.max_seq_len={max_len}; raise it")
+        raise tokenize.nothing_to_learn(max_len)
     return Tokenized(ExampleView(dataset, np.flatnonzero(kept)), n_rows, row[~kept].tolist(),
                      row[kept & truncated].tolist(), max_len)

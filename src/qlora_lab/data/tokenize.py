@@ -128,13 +128,22 @@ def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_
 OWN_TOKENIZE_ROW = tokenize_row
 
 
+def learns(e: Example) -> bool:
+    """The example keeps a response token the loss can use (label 0 is never a target: nothing precedes it)."""
+    return any(t != IGNORE_INDEX for t in e.labels[1:])
+
+
+def nothing_to_learn(max_len: int) -> DataError:
+    return DataError(f"no row keeps a response token within model.max_seq_len={max_len}; raise it")
+
+
 def build_examples(rows: list[dict[str, Any]], tokenizer, max_len: int, mask_prompt: bool,
                    system_prompt: str | None = None) -> Tokenized:
     """Every row rendered and labelled; rows left without a response token are counted and left out."""
     examples = [tokenize_row(r, i, tokenizer, max_len, mask_prompt, system_prompt) for i, r in enumerate(rows)]
-    kept = [e for e in examples if any(t != IGNORE_INDEX for t in e.labels[1:])]
+    kept = [e for e in examples if learns(e)]
     if not kept:
-        raise DataError(f"no row keeps a response token within model.max_seq_len={max_len}; raise it")
+        raise nothing_to_learn(max_len)
     kept_rows = {e.row for e in kept}
     return Tokenized(kept, len(rows), [e.row for e in examples if e.row not in kept_rows],
                      [e.row for e in kept if e.truncated], max_len)
