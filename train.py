@@ -10,13 +10,11 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qlora_lab.core.errors import EXPECTED, RunDirInUse, exit_code
-from qlora_lab.core.resolvers import register_resolvers
-from qlora_lab.core.schema import register_configs
+from qlora_lab.configs import register_configs
 from qlora_lab.runner import rundir, sweep
 from qlora_lab.runner.run import run
 
 register_configs()
-register_resolvers()
 if int(os.environ.get("RANK", "0")) > 0:  # torchrun / accelerate launch: rank 0 alone writes the run dir's files
     sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
@@ -25,10 +23,8 @@ if int(os.environ.get("RANK", "0")) > 0:  # torchrun / accelerate launch: rank 0
 def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     overrides = list(hc.overrides.task)
-    if hc.mode == RunMode.MULTIRUN and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        print("qlora-lab: a sweep (-m) fans its jobs out itself (hydra/launcher=local_gpus: one job per GPU); run it "
-              "with python, not under torchrun / accelerate launch", file=sys.stderr)
-        sys.exit(2)
+    if hc.mode == RunMode.MULTIRUN:
+        sweep.refuse_under_launcher()
     if hc.mode == RunMode.MULTIRUN and cfg.mode == "train":
         sweep_dir = Path(hc.sweep.dir)
         try:

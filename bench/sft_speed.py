@@ -83,7 +83,7 @@ def slug(name: str) -> str:
 def train_run(name: str, overrides: list[str], out: Path, timeout: int) -> dict:
     run_dir = out / slug(name)
     cmd = [sys.executable, str(ROOT / "train.py"), *overrides, "logger=none", "eval=loss", "eval.every_steps=0",
-           "save.every_steps=0", "data.max_eval_rows=8", "logger.progress_bar=false", f"hydra.run.dir={run_dir}"]
+           "save.every_steps=0", "data.max_eval_rows=8", "log.progress_bar=false", f"hydra.run.dir={run_dir}"]
     t = time.time()
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,

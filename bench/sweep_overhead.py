@@ -60,7 +60,7 @@ def main() -> None:
         fresh = tempfile.mkdtemp(prefix="qlab-compile-")
         env.update(TORCHINDUCTOR_CACHE_DIR=f"{fresh}/inductor", TRITON_CACHE_DIR=f"{fresh}/triton")
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", *a.args, f"cache_dir={a.cache_dir}",
-           "logger.progress_bar=false", f"hydra.sweep.dir={a.out}"]
+           "log.progress_bar=false", f"hydra.sweep.dir={a.out}"]
     t0 = time.time()
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     end = time.time()

@@ -12,13 +12,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # helpers.py, wandb_reader.py
 
 from helpers import CONF, compose_run  # noqa: E402
-from qlora_lab.core.resolvers import register_resolvers  # noqa: E402
-from qlora_lab.core.schema import register_configs  # noqa: E402
+from qlora_lab.configs import register_configs  # noqa: E402
 from qlora_lab.core.spec import RunSpec  # noqa: E402
 from qlora_lab.runner.run import run  # noqa: E402
 
 register_configs()
-register_resolvers()
 torch.set_num_threads(2)  # CI has 2 cores; the same here keeps pinned numbers comparable
 
 
@@ -70,7 +68,7 @@ def compose(cache_dir, tmp_path):
 
     def _compose(overrides: list[str] = (), out: Path | None = None):
         fixed = [f"output_dir={out or tmp_path}", f"cache_dir={cache_dir}", "run_name=test", "sweep_id=null",
-                 "logger.progress_bar=false"]
+                 "log.progress_bar=false"]
         with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
             return hydra_compose(config_name="train", overrides=fixed + list(overrides))
 

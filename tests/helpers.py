@@ -41,14 +41,14 @@ PYTEST_PID = os.getpid()
 def train_py(args: list[str], cache_dir, out_dir, timeout: int = 300, faults: bool = False,
              ) -> subprocess.CompletedProcess:
     """`python train.py ARGS` with the run dir at out_dir/run and the sweep dir at out_dir/sweep."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "log.progress_bar=false",
            f"hydra.run.dir={out_dir}/run", f"hydra.sweep.dir={out_dir}/sweep"]
     return subprocess.run(cmd, cwd=ROOT, env=child_env(faults), capture_output=True, text=True, timeout=timeout)
 
 
 def start(args: list[str], cache_dir, out_dir) -> subprocess.Popen:
     """train.py in the background (stdout and stderr together), with the run dir at out_dir/run."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "logger.progress_bar=false",
+    cmd = [sys.executable, str(ROOT / "train.py"), *args, f"cache_dir={cache_dir}", "log.progress_bar=false",
            f"hydra.run.dir={out_dir}/run"]
     return subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -89,7 +89,7 @@ def max_rel(a: dict[int, dict], b: dict[int, dict], key: str, steps) -> float:
 # param_dtype makes it (dtype auto would be fp32 on the CPU, and step 1 would then differ by bf16 rounding alone).
 DIST_COMMON = ("optim.max_steps=12", "lora.dropout=0", "save.every_steps=6", "eval=loss", "eval.every_steps=0",
                "quantization.quant_storage=bfloat16", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
-               "logger.progress_bar=false")
+               "log.progress_bar=false")
 
 
 def launch(args: list[str], cache_dir: Path, run_dir: Path, processes: int | None = None,
@@ -114,7 +114,7 @@ def compose_run(cache_dir, out: Path, overrides: list[str]):
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         return compose(config_name="train", overrides=[f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=t",
-                                                       "sweep_id=null", "logger.progress_bar=false", *overrides])
+                                                       "sweep_id=null", "log.progress_bar=false", *overrides])
 
 
 def fake_checkpoint(path: Path, max_positions: int = 2048) -> Path:

@@ -90,12 +90,12 @@ def test_checkpoint_of_other_data_is_refused(run_copy, cache_dir, tmp_path):
 
 
 def test_harmless_differences_are_allowed_and_noted(run_copy, cache_dir, capsys):
-    summary = _run(cache_dir, run_copy, ["resume=auto", "optim.max_steps=6", "logger.log_every=2"])
+    summary = _run(cache_dir, run_copy, ["resume=auto", "optim.max_steps=6", "log.every_steps=2"])
     assert summary["summary/resumed_from_step"] == 4 and summary["summary/steps"] == 6
     out = capsys.readouterr().out
     assert "config differences, allowed" in out and "optim.max_steps: 5 -> 6" in out
     resumes = json.loads((run_copy / "run_info.json").read_text())["resumes"]
-    assert "logger.log_every: 1 -> 2" in resumes[-1]["config_differences"]
+    assert "log.every_steps: 1 -> 2" in resumes[-1]["config_differences"]
 
 
 def test_resume_auto_with_nothing_to_resume_starts_fresh(cache_dir, tmp_path, capsys):

@@ -10,6 +10,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 from helpers import CONF, fake_checkpoint
 from qlora_lab.core.errors import ConfigError
 from qlora_lab.model.kernels import resolve_kernels
+from qlora_lab.model.quantize import bitsandbytes as bnb_backend
 from qlora_lab.runner import preflight as v
 
 GROUPS = ["model", "quantization", "lora", "checkpointing", "data", "optim", "logger"]
@@ -32,12 +33,36 @@ def test_every_group_option_composes_and_validates(compose, group, option, tmp_p
         path.write_text('{"prompt": "a", "response": "b"}\n')
         extra = [f"data.path={path}"]
     cfg = OmegaConf.to_object(compose([f"{group}={option}", "device=cpu"] + extra))
-    assert getattr(cfg, group).name == option
+    if group == "logger":  # the sinks it selects, each typed by its own schema
+        assert list(cfg.logger) == ([] if option == "none" else [option])
+        assert all(type(s).__module__ == f"qlora_lab.sinks.{n}" for n, s in cfg.logger.items())
+    else:
+        assert getattr(cfg, group).name == option
     if (group, option) in CUDA_ONLY:
         with pytest.raises(ConfigError, match="optim=adamw"):
             v.validate(cfg)
     else:
         v.validate(cfg)
+
+
+def test_several_sinks_each_with_its_own_typed_keys(compose):
+    cfg = OmegaConf.to_object(compose(["logger=[wandb,mlflow]", "logger.mlflow.experiment=x",
+                                       "logger.wandb.mode=disabled"]))
+    assert list(cfg.logger) == ["wandb", "mlflow"]
+    assert cfg.logger["mlflow"].experiment == "x" and cfg.logger["wandb"].mode == "disabled"
+    with pytest.raises(ConfigCompositionException, match="logger.mlflow.bogus"):
+        compose(["logger=[wandb,mlflow]", "logger.mlflow.bogus=1"])
+    with pytest.raises(ConfigCompositionException, match="logger.wandb.experiment"):  # another sink's key
+        compose(["logger=[wandb,mlflow]", "logger.wandb.experiment=x"])
+
+
+def test_each_quantization_backend_takes_its_own_keys_only(compose):
+    assert type(OmegaConf.to_object(compose(["quantization=torchao_nf4"])).quantization).__name__ == \
+        "TorchaoQuantization"
+    with pytest.raises(ConfigCompositionException, match="quantization.quant_type"):  # bitsandbytes' key
+        compose(["quantization=torchao_nf4", "quantization.quant_type=fp4"])
+    with pytest.raises(ConfigCompositionException, match="quantization.block_size"):
+        compose(["quantization=nf4", "quantization.block_size=32"])
 
 
 @pytest.mark.parametrize("experiment", [p.stem for p in (CONF / "experiment").glob("*.yaml")])
@@ -101,7 +126,7 @@ def test_4bit_without_bitsandbytes_backend_names_the_fix(compose, monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "bitsandbytes.functional", None)  # import now raises ImportError
-    v.quant_backend_problem.cache_clear()
+    bnb_backend._probe.cache_clear()
     try:
         for q in ("nf4", "fp4", "int8"):
             with pytest.raises(ConfigError) as e:
@@ -109,7 +134,7 @@ def test_4bit_without_bitsandbytes_backend_names_the_fix(compose, monkeypatch):
             assert "choose quantization=none" in str(e.value)
         v.validate(OmegaConf.to_object(compose(["quantization=none", "device=cpu"])))
     finally:
-        v.quant_backend_problem.cache_clear()
+        bnb_backend._probe.cache_clear()
 
 
 def test_seq_len_above_model_maximum(compose):
@@ -127,7 +152,7 @@ def test_wandb_online_without_credentials(compose, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     with pytest.raises(ConfigError, match="wandb login"):
-        v.validate(OmegaConf.to_object(compose(["logger.mode=online"])))
+        v.validate(OmegaConf.to_object(compose(["logger.wandb.mode=online"])))
 
 
 def test_local_model_path_without_checkpoint(compose, tmp_path):

@@ -7,12 +7,13 @@ import torch
 
 from qlora_lab.core.schema import Metric
 from qlora_lab.evaluation.generate import generate, prompts_of, stop_token_ids
-from qlora_lab.evaluation.metrics import METRICS, char_f1, exact_match, rouge_l, score, token_f1
+from qlora_lab.evaluation import metrics as metrics_mod
+from qlora_lab.evaluation.metrics import METRICS, better, char_f1, exact_match, goal, rouge_l, score, token_f1
 
 
-@pytest.mark.parametrize("name", sorted(METRICS))
+@pytest.mark.parametrize("name", sorted(n for n, m in METRICS.items() if m.score is not None))
 def test_a_perfect_answer_scores_one_and_a_wrong_one_zero(name):
-    fn = METRICS[name]
+    fn = METRICS[name].score
     assert fn("Paris", "Paris") == 1.0 and fn("  Paris \n", "Paris") == 1.0  # surrounding whitespace is no error
     assert fn("xyz", "Paris") == 0.0
 
@@ -27,8 +28,19 @@ def test_partial_answers_score_what_they_share():
     assert score(["a", "b"], ["a", "c"], ["exact_match", "token_f1"]) == {"exact_match": 0.5, "token_f1": 0.5}
 
 
-def test_every_configurable_metric_is_implemented():
-    assert {m.value for m in Metric} == set(METRICS) | {"loss"}
+def test_every_configurable_metric_is_implemented_with_its_direction():
+    assert {m.value for m in Metric} == set(METRICS)
+    assert {n: m.goal for n, m in METRICS.items()} == {"loss": "min", "exact_match": "max", "token_f1": "max",
+                                                       "rouge_l": "max", "char_f1": "max"}
+    assert goal("summary/best_eval_token_f1") == "max" and goal("summary/final_loss") == "min"
+    assert goal("eval/loss") == "min" and goal("memory/peak_allocated_gib") is None
+
+
+def test_a_metric_that_falls_ranks_by_its_declaration_not_its_name(monkeypatch):
+    """A perplexity declared with goal min is ranked lower-is-better though its name does not say so."""
+    monkeypatch.setitem(METRICS, "perplexity", metrics_mod.Metric("min"))
+    assert goal("summary/eval_perplexity") == "min" and better("eval/perplexity", 3.0, 4.0)
+    assert not better("eval/exact_match", 0.3, 0.4)
 
 
 def test_prompts_are_the_conversation_up_to_the_answer(tiny):

@@ -25,15 +25,26 @@ def _storage_bytes(tensors) -> dict[int, int]:
 def _loaded(compose, overrides):
     cfg = resolve_spec(OmegaConf.to_object(compose(overrides + ["device=cpu"])), "cpu")[0].cfg  # dtype auto: fp32
     path = source.resolve_model_path(cfg.model, cfg.cache_dir, 0)
-    model = load.load_model(path, cfg.model, quantize.build_bnb_config(cfg.quantization), "cpu")
+    backend = quantize.backend_of(cfg.quantization)
+    model = load.load_model(path, cfg.model, backend.load_kwargs(cfg.quantization, source.model_config(cfg.model)),
+                            "cpu")
+    backend.after_load(model)
     return cfg, model
 
 
-@pytest.mark.parametrize("quant", ["nf4", "fp4", "none"])
+NF4_PARTS = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")  # torchao's buffers
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "int8", "torchao_nf4", "none"])
 def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
+    """Every quantization backend's bytes per weight, as the ledger counts them, against the loaded model."""
     cfg, model = _loaded(compose, [f"quantization={quant}"])
-    tensors = list(model.parameters()) + list(model.buffers())
+    tensors = [p for p in model.parameters() if type(p).__name__ != "NF4Tensor"] + list(model.buffers())
+    tensors += [getattr(p, part) for p in model.parameters() if type(p).__name__ == "NF4Tensor" for part in NF4_PARTS]
     for m in model.modules():
+        scb = getattr(getattr(m, "weight", None), "SCB", None)  # int8: its row scales
+        if scb is not None:
+            tensors.append(scb)
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
             tensors += [qs.absmax, qs.code] + ([qs.state2.absmax, qs.state2.code, qs.offset] if qs.nested else [])
@@ -42,7 +53,8 @@ def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
     weights = sum(i.bytes for i in ledger.items if i.name.startswith(("base", "quant", "embed")))
     assert weights == pytest.approx(measured, rel=1e-3)
 
-    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora)
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
+                             quantize.backend_of(cfg.quantization))
     lora = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     assert {i.name: i.bytes for i in ledger.items}["LoRA parameters"] == lora
 
@@ -54,7 +66,8 @@ def test_saved_activations_per_token_match_autograd(compose, overrides):
     describes a CUDA step: bf16 compute, what dtype=auto is there)."""
     cfg, model = _loaded(compose, ["checkpointing=none", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16"]
                          + overrides)
-    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora)
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
+                             quantize.backend_of(cfg.quantization))
     layer = model.base_model.model.model.layers[1]
     captured = {}
     hook = layer.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)

@@ -202,7 +202,7 @@ def test_ddp_with_packing_trains_exactly_what_one_process_trains(cache_dir, tmp_
     micro-batches one process accumulating two of them collates; so every number is equal (as unpacked, see
     test_distributed.py)."""
     common = (*PACKED_RUN, "optim.max_steps=4", "save.every_steps=0", "quantization.quant_storage=bfloat16",
-              "logger.progress_bar=false")
+              "log.progress_bar=false")
     launch(["optim.grad_accum_steps=2"], cache_dir, tmp_path / "one", common=common)
     launch(["distributed=ddp"], cache_dir, tmp_path / "ddp", processes=2, common=common)
     one, ddp = step_records(tmp_path / "one"), step_records(tmp_path / "ddp")

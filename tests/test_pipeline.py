@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_lab.model.fused_lora import LoraLinear4bit
+from qlora_lab.model.fused_lora import LoraLinearQuantized
 from qlora_lab.model.layers import decoder_layers
 from qlora_lab.train.step import count_label_tokens, forward_loss
 
@@ -104,11 +104,13 @@ def test_target_module_that_matches_nothing_names_the_real_ones(spec_of):
 
     from qlora_lab.model import adapt, model_source
     from qlora_lab.model.load import load_model
+    from qlora_lab.model.quantize import backend_of
 
     spec = spec_of()
-    base = load_model(model_source(spec).path, spec.cfg.model, None, "cpu")
+    base = load_model(model_source(spec).path, spec.cfg.model, {}, "cpu")
     with pytest.raises(ValueError) as e:
-        adapt.wrap_model(base, dataclasses.replace(spec.cfg.lora, target_modules=["qkv_proj"]))
+        adapt.wrap_model(base, dataclasses.replace(spec.cfg.lora, target_modules=["qkv_proj"]),
+                         backend_of(spec.cfg.quantization))
     assert "q_proj" in str(e.value) and "matches no module" in str(e.value)
 
 
@@ -146,12 +148,12 @@ def test_fused_lora_matches_peft(tiny, dropout):
     peft_bf16 = err(ref)
     for dtype in ("bfloat16", "float32"):  # float32: master weights, cast to bf16 for the matmuls
         calls = []
-        orig = LoraLinear4bit.forward
-        LoraLinear4bit.forward = staticmethod(lambda *a: calls.append(1) or orig(*a))
+        orig = LoraLinearQuantized.forward
+        LoraLinearQuantized.forward = staticmethod(lambda *a: calls.append(1) or orig(*a))
         try:
             loss, got = run("fused", dtype)
         finally:
-            LoraLinear4bit.forward = staticmethod(orig)
+            LoraLinearQuantized.forward = staticmethod(orig)
         assert len(calls) == 28  # 4 layers x 7 projections, every one fused
         assert abs(loss - exact_loss) < 1e-2 and abs(loss - ref_loss) < 1e-2
         assert got.keys() == ref.keys() == exact.keys()

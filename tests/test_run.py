@@ -35,11 +35,11 @@ def default_run(tmp_path_factory, cache_dir):
     from qlora_lab.runner.run import run
 
     out = tmp_path_factory.mktemp("run")
-    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
+    overrides = [f"optim.max_steps={STEPS}", "eval.every_steps=40", "log.adapter_artifact=true"]
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides + [
             f"output_dir={out}", f"cache_dir={cache_dir}", "run_name=e2e", "sweep_id=null",
-            "logger.progress_bar=false"])
+            "log.progress_bar=false"])
     summary = run(cfg, overrides=overrides)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return cfg, out, summary, records
@@ -98,7 +98,7 @@ def test_wandb_offline_run_holds_the_same_metrics(default_run):
     cfg, out, summary, records = default_run
     w = read_run(out)
     assert w["run"].display_name == "e2e"
-    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"}
+    assert set(w["run"].tags) == {f"optim.max_steps={STEPS}", "eval.every_steps=40", "log.adapter_artifact=true"}
     assert w["config"]["lora.r"] == 16 and w["config"]["quantization.name"] == "nf4"
     history = [h for h in w["history"] if "train/loss" in h]
     assert [h["train/loss"] for h in history] == pytest.approx([r["train/loss"] for r in train_records(records)])
@@ -220,7 +220,7 @@ def test_the_peak_is_the_runs_own_not_the_random_init_build(compose, monkeypatch
 def test_run_info_recreates_the_run(default_run):
     _, out, _, _ = default_run
     info = json.loads((out / "run_info.json").read_text())
-    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40", "logger.log_adapter=true"]
+    assert info["overrides"] == [f"optim.max_steps={STEPS}", "eval.every_steps=40", "log.adapter_artifact=true"]
     assert info["config"]["lora"]["r"] == 16
     assert info["packages"]["torch"] and info["packages"]["bitsandbytes"]
     assert len(info["dataset_fingerprint"]) == 16 and info["device"]["device"] == "cpu"
@@ -241,10 +241,10 @@ def test_saved_adapter_reloads_with_peft_and_reproduces_eval_loss(default_run):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     path = source.resolve_model_path(tcfg.model, tcfg.cache_dir, tcfg.seed)
     tok = source.load_tokenizer(str(adapter), tcfg.model)
-    base = load.load_model(path, tcfg.model, quantize.build_bnb_config(tcfg.quantization), "cpu")
-    for m in base.modules():  # as prepare does: keep bitsandbytes' CPU eval kernel out of the comparison
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    backend = quantize.backend_of(tcfg.quantization)
+    base = load.load_model(path, tcfg.model, backend.load_kwargs(tcfg.quantization, source.model_config(tcfg.model)),
+                           "cpu")
+    backend.after_load(base)  # as the pipeline does: keeps bitsandbytes' CPU eval kernel out of the comparison
     model = PeftModel.from_pretrained(base, adapter)
     examples = tokenize.build_examples(rows.read_rows(tcfg.data), tok, tcfg.model.max_seq_len,
                                        tcfg.data.mask_prompt).examples

@@ -14,7 +14,7 @@ from qlora_lab.data import rows as rows_mod
 from qlora_lab.data import store, tokenize
 from qlora_lab.data.packing import PackedRows, lengths_of, pack
 from qlora_lab.model import source
-from qlora_lab.runner.run import batching, tokenized
+from qlora_lab.data.prepare import batching, tokenized
 
 MAX_LEN = 48
 

@@ -259,7 +259,7 @@ def test_wandb_sweep_yaml_builds_a_valid_train_command(compose):
 def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path):
     env = child_env()
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "lora.r=4,8,16", "optim.max_steps=400", "logger=none",
-           f"cache_dir={cache_dir}", "logger.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
+           f"cache_dir={cache_dir}", "log.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=interactive_signals)
     deadline = time.time() + 120

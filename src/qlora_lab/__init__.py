@@ -12,3 +12,7 @@ import warnings as _warnings
 
 # peft still calls transformers' pre-rename checkpointing helpers; the rename is transformers' business.
 _warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6.*", category=FutureWarning)
+
+from qlora_lab.core.log import install as _install_console  # noqa: E402
+
+_install_console()  # `qlora-lab: ...` lines on the console; silence with logging.getLogger("qlora_lab")

@@ -8,12 +8,13 @@ its fix, so a user fixes their command once instead of once per crash.
 
 from __future__ import annotations
 
+from qlora_lab.core.modes import parse_layers
 from qlora_lab.core.schema import TrainConfig
 
 
 def _model(cfg: TrainConfig, device: str) -> list[str]:
     m, p = cfg.model, []
-    if m.kernels == "liger" and device != "cuda":
+    if m.kernels == "liger" and device != "cuda" and cfg.mode == "train":  # a plan describes a CUDA step anywhere
         p.append("model.kernels=liger runs Triton kernels that need a CUDA device; use model.kernels=none on the CPU")
     if m.max_seq_len <= 0:
         p.append(f"model.max_seq_len={m.max_seq_len} must be > 0")
@@ -32,13 +33,8 @@ def _model(cfg: TrainConfig, device: str) -> list[str]:
     return p
 
 
-def _quantization(cfg: TrainConfig) -> list[str]:
-    q = cfg.quantization
-    return [] if q.bits in (4, 8, 16) else [f"quantization.bits={q.bits} must be 4, 8 or 16 (16 = no quantization)"]
-
-
 def _lora(cfg: TrainConfig) -> list[str]:
-    lo, q, p = cfg.lora, cfg.quantization, []
+    lo, p = cfg.lora, []
     if lo.r <= 0:
         p.append(f"lora.r={lo.r} must be a positive integer (e.g. lora.r=16)")
     if lo.alpha <= 0:
@@ -47,14 +43,8 @@ def _lora(cfg: TrainConfig) -> list[str]:
         p.append(f"lora.dropout={lo.dropout} must be in [0, 1)")
     if not lo.target_modules:
         p.append("lora.target_modules is empty; use [all-linear] or name modules, e.g. [q_proj,v_proj]")
-    if lo.init in ("pissa", "loftq") and q.bits != 16:
-        p.append(f"lora.init={lo.init} initializes from the full-precision weights; use quantization=none "
-                 "(and quantize the residual model afterwards), or lora.init=default with a quantized base")
-    if lo.kernel == "fused":
-        if q.bits != 4:
-            p.append(f"lora.kernel=fused fuses LoRA into 4-bit layers; use lora.kernel=peft with quantization={q.name}")
-        if lo.use_dora:
-            p.append("lora.kernel=fused is plain LoRA; use lora.kernel=peft with DoRA")
+    if lo.kernel == "fused" and lo.use_dora:
+        p.append("lora.kernel=fused is plain LoRA; use lora.kernel=peft with DoRA")
     return p
 
 
@@ -131,11 +121,21 @@ def _run(cfg: TrainConfig) -> list[str]:
     p = []
     if cfg.checkpointing.offload_to_cpu and not cfg.checkpointing.enabled:
         p.append("checkpointing.offload_to_cpu=true needs checkpointing.enabled=true (or checkpointing=offload)")
-    if cfg.logger.log_every < 1:
-        p.append(f"logger.log_every={cfg.logger.log_every} must be >= 1")
-    if cfg.logger.log_adapter and (cfg.logger.name == "none" or cfg.logger.mode == "disabled"):
-        p.append("logger.log_adapter=true needs a W&B run to attach the adapter to; use logger=wandb, or drop it "
-                 "(the adapter is saved in <run dir>/adapter either way)")
+    if cfg.log.every_steps < 1:
+        p.append(f"log.every_steps={cfg.log.every_steps} must be >= 1")
+    if cfg.log.adapter_artifact and not cfg.logger:
+        p.append("log.adapter_artifact=true needs a sink to attach the adapter to; use logger=wandb (or mlflow), or "
+                 "drop it (the adapter is saved in <run dir>/adapter either way)")
+    if str(cfg.sweep.fuse).lower() not in ("auto", "true", "false"):
+        p.append(f"sweep.fuse={cfg.sweep.fuse} must be auto, true or false")
+    mp = cfg.sweep.max_parallel
+    if str(mp) != "auto" and not (isinstance(mp, int) and not isinstance(mp, bool) and mp >= 1):
+        p.append(f"sweep.max_parallel={mp} must be auto or an integer >= 1")
+    if cfg.checkpointing.layers not in ("all", "auto"):
+        try:
+            parse_layers(str(cfg.checkpointing.layers))
+        except ValueError as e:
+            p.append(f"{e} (or checkpointing.layers=all | auto)")
     if cfg.save.every_steps < 0:
         p.append(f"save.every_steps={cfg.save.every_steps} must be >= 0 (0 = no periodic checkpoints)")
     if cfg.save.keep_last < 1:
@@ -159,7 +159,7 @@ def _run(cfg: TrainConfig) -> list[str]:
 
 def _distributed(cfg: TrainConfig, device: str, world: int) -> list[str]:
     """The `distributed` group against the launch (`world` processes), the device and the other groups."""
-    dc, q, p = cfg.distributed, cfg.quantization, []
+    dc, p = cfg.distributed, []
     if dc.name == "none":
         if world > 1 and cfg.mode == "train":
             p.append(f"the launcher started {world} processes (WORLD_SIZE={world}) but distributed=none would train "
@@ -170,13 +170,7 @@ def _distributed(cfg: TrainConfig, device: str, world: int) -> list[str]:
     if cfg.data.micro_batch_size == "auto":
         p.append(f"data.micro_batch_size=auto probes one process's memory; with distributed={dc.name} give an "
                  "integer (mode=plan shows what fits)")
-    if dc.name == "fsdp":
-        if q.bits == 4 and q.quant_storage != dc.param_dtype:
-            p.append(f"distributed=fsdp gathers weights as {dc.param_dtype}, but the 4-bit weights are packed as "
-                     f"{q.quant_storage}; set quantization.quant_storage={dc.param_dtype} so they travel as stored")
-        if q.bits == 8:
-            p.append("distributed=fsdp cannot shard LLM.int8 weights (their scales live outside the tensor); use "
-                     "quantization=nf4 with quantization.quant_storage=bfloat16, or distributed=ddp")
+    if dc.name == "fsdp":  # what FSDP asks of the quantized weights, each backend says (model/quantize)
         if cfg.optim.name == "paged_adamw_8bit":
             p.append("distributed=fsdp shards the optimizer state already and bitsandbytes' paged optimizer does not "
                      "take sharded parameters; use optim=adamw")
@@ -197,5 +191,5 @@ def missing_problems(keys: list[str]) -> list[str]:
 
 def config_problems(cfg: TrainConfig, device: str, world: int = 1) -> list[str]:
     """Every problem of `cfg` for a run on `device` with `world` processes; empty when the values can run."""
-    return [*_model(cfg, device), *_quantization(cfg), *_lora(cfg), *_data(cfg, device), *_optim(cfg, device),
+    return [*_model(cfg, device), *_lora(cfg), *_data(cfg, device), *_optim(cfg, device),
             *_eval(cfg), *_run(cfg), *_distributed(cfg, device, world)]

@@ -7,7 +7,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -52,10 +52,12 @@ def capped(name: str, cap: int = NAME_CAP) -> str:
     return name[:cap - 9] + "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
 
 
-def job_name(overrides: Iterable[str], exclude: Iterable[str], swept: str | None, num: int | None) -> str:
+def job_name(overrides: Iterable[str], swept: str | None, num: int | None,
+             named: Callable[[str], bool] = lambda key: True) -> str:
     """A short, file-system- and W&B-safe name for a run dir and a W&B run, stable across re-runs of a command.
 
-    A single run (`num` None) is named by its overrides minus `exclude` (keys that do not change what runs); a
+    A single run (`num` None) is named by its overrides whose key `named` accepts (not a location: where a run
+    writes or reads, as each key declares, core/effects.py; `hydra.*`); a
     multirun job by the keys its sweep varies (`swept`, comma-separated; None when the launcher did not pass them
     on: then by every override), prefixed with its job number: `0_r=8`, `1_r=16`. Keys are shortened to their last
     part where unambiguous, paths to their last part, keys sorted, and the whole is cut at NAME_CAP characters with a
@@ -63,7 +65,7 @@ def job_name(overrides: Iterable[str], exclude: Iterable[str], swept: str | None
     """
     parsed = {o.key_or_group: o.get_value_element_as_str()
               for o in OverridesParser.create().parse_overrides([str(o) for o in overrides])}
-    keep = set(parsed) - set(exclude)
+    keep = {k for k in parsed if not k.startswith("hydra") and named(k)}
     if num is not None and swept:
         keep &= set(swept.split(","))
     keys = sorted(keep)
@@ -95,8 +97,13 @@ def asset(name: str) -> str:
     return str(ASSET_DIR / name)
 
 
-def register_resolvers() -> None:
-    for name, fn in {"qlab.job_name": job_name, "qlab.sweep_id": sweep_id, "qlab.asset": asset,
+def register_resolvers(named: Callable[[str], bool] = lambda key: True) -> None:
+    """`named(key)`: whether an override of `key` names a run (configs.py passes the keys' declarations)."""
+
+    def name_of(overrides: Iterable[str], swept: str | None, num: int | None) -> str:
+        return job_name(overrides, swept, num, named)
+
+    for name, fn in {"qlab.job_name": name_of, "qlab.sweep_id": sweep_id, "qlab.asset": asset,
                      "qlab.launch_time": launch_time}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

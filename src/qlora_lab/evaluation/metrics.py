@@ -1,4 +1,7 @@
-"""Scores of a generated answer against the reference, each in [0, 1]; the mean over rows is what is logged.
+"""Quality metrics: each declared here once with its direction (`Metric.goal`), which every reader takes (the best
+evaluation a run tracks, the sinks' summaries, the sweep report's ranking): a loss or a perplexity falls, a score
+rises. The generation scores compare a generated answer with the reference, each in [0, 1]; the mean over rows is
+what is logged.
 
 Text is compared after `normalize` (surrounding whitespace stripped, inner runs of whitespace collapsed): a
 trailing newline or a double space is not a different answer. Token scores split on whitespace.
@@ -8,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable
 
 
@@ -60,12 +64,44 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-METRICS: dict[str, Callable[[str, str], float]] = {
-    "exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l, "char_f1": char_f1}
-"""Generation metrics by name (`eval.metrics`, `data.metrics`); `loss` is the other name those lists take."""
+@dataclass(frozen=True)
+class Metric:
+    goal: str  # "min" | "max": which way is better
+    score: Callable[[str, str], float] | None = None  # (prediction, reference) -> [0, 1]; None: not a generation score
+
+
+METRICS: dict[str, Metric] = {
+    "loss": Metric("min"),  # the mean token cross-entropy on the held-out rows (train/evaluate.py)
+    "exact_match": Metric("max", exact_match),
+    "token_f1": Metric("max", token_f1),
+    "rouge_l": Metric("max", rouge_l),
+    "char_f1": Metric("max", char_f1),
+}
+"""Metrics by name (`eval.metrics`, `data.metrics`, logged as `eval/<name>`)."""
+
+
+def goal(name: str) -> str | None:
+    """"min" or "max" for a quality metric under any of its names (`eval/loss`, `summary/eval_exact_match`,
+    `summary/best_eval_token_f1`, `final_loss`: the training loss); None for anything else (memory, throughput, a step
+    number)."""
+    last = name.rsplit("/", 1)[-1].removeprefix("best_").removeprefix("eval_")
+    if last in ("final_loss", "first_loss"):
+        last = "loss"
+    metric = METRICS.get(last)
+    return metric.goal if metric is not None else None
+
+
+def better(name: str, a: float, b: float) -> bool:
+    """Whether value `a` of metric `name` beats `b`."""
+    return a < b if goal(name) == "min" else a > b
+
+
+def goals() -> dict[str, str]:
+    """`eval/<metric>` -> its direction, for the sinks' summaries."""
+    return {f"eval/{name}": m.goal for name, m in METRICS.items()}
 
 
 def score(predictions: list[str], references: list[str], names: list[str]) -> dict[str, float]:
     """{name: mean score over the rows} for each generation metric in `names`."""
-    return {n: sum(METRICS[n](p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
-            for n in names if n in METRICS}
+    return {n: sum(METRICS[n].score(p, r) for p, r in zip(predictions, references)) / max(len(references), 1)
+            for n in names if n in METRICS and METRICS[n].score is not None}

@@ -23,6 +23,7 @@ With checkpointing only each layer's input (c·h) is kept per layer, and one lay
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +31,12 @@ from typing import Any
 import torch
 
 from qlora_lab.core.dist import launched_world_size
-from qlora_lab.core.schema import TrainConfig
+from qlora_lab.core.modes import MODES, layer_modes
+from qlora_lab.core.schema import LoraConfig, TrainConfig
 from qlora_lab.memory.readings import GIB
+from qlora_lab.model.quantize import backend_of
 from qlora_lab.model.source import model_config
 
-BLOCK = 64  # bitsandbytes 4-bit block size
 CUDA_CONTEXT_GIB = 0.55  # CUDA context + cuBLAS workspace on Hopper: outside the allocator's statistics
 ALLOCATOR_SLACK = 0.08  # reserved/allocated overhead (fragmentation, rounding) observed on training steps
 
@@ -68,7 +70,7 @@ class Arch:
     tied: bool
     layer_linears: dict[str, tuple[int, int]]  # suffix -> (in, out) for one decoder layer
     linear_params: int  # all linear weights but the LM head (the quantized ones)
-    linear_numels: list[int]  # each of those weights' element count (quant constants are per weight)
+    linear_shapes: list[tuple[int, int]]  # each of those weights' (out, in): quant constants are per weight
     other_params: int  # embeddings, LM head (if untied), norms
     largest_linear: int  # elements of the largest quantized weight (dequantized in full for each matmul)
     max_positions: int | None
@@ -85,10 +87,10 @@ def read_arch(cfg: TrainConfig) -> Arch:
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = model.get_output_embeddings()
-    skip = set(cfg.quantization.skip_modules)
-    numels = [mod.weight.numel() for name, mod in model.named_modules()
+    skip = set(backend_of(cfg.quantization).unquantized(cfg.quantization))
+    shapes = [(mod.out_features, mod.in_features) for name, mod in model.named_modules()
               if isinstance(mod, torch.nn.Linear) and mod is not head and name.rsplit(".", 1)[-1] not in skip]
-    linear_params, largest = sum(numels), max(numels)
+    linear_params, largest = sum(o * i for o, i in shapes), max(o * i for o, i in shapes)
     total = sum(p.numel() for p in model.parameters())  # tied weights are one Parameter, counted once
     layer = model.model.layers[0]
     layer_linears = {n.rsplit(".", 1)[-1]: (mod.in_features, mod.out_features)
@@ -100,7 +102,7 @@ def read_arch(cfg: TrainConfig) -> Arch:
         kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim, intermediate=config.intermediate_size,
         heads=heads, layers=config.num_hidden_layers, head_dim=head_dim,
         tied=head is not None and head.weight is model.get_input_embeddings().weight,
-        layer_linears=layer_linears, linear_params=linear_params, linear_numels=numels,
+        layer_linears=layer_linears, linear_params=linear_params, linear_shapes=shapes,
         other_params=total - linear_params,
         largest_linear=largest, max_positions=getattr(config, "max_position_embeddings", None),
         module_names=[n for n, _ in model.named_modules() if n],
@@ -153,28 +155,11 @@ class Ledger:
 
 
 def _weight_bytes(arch: Arch, cfg: TrainConfig) -> list[Item]:
-    q, m = cfg.quantization, cfg.model
+    """The base: its linear weights as the quantization backend stores them, the rest in model.dtype."""
+    m = cfg.model
     dt = 4 if m.dtype == "float32" or m.upcast == "all" else 2
-    n = arch.linear_params
-    items = []
-    if q.bits == 4:
-        # per weight: one absmax per 64 values (8-bit with double quant, then one fp32 per 256 of those, a 256-entry
-        # fp32 code and an fp32 offset; fp32 without), and the 16-entry fp32 4-bit code
-        blocks = [math.ceil(k / BLOCK) for k in arch.linear_numels]
-        if q.double_quant:
-            consts = sum(b + math.ceil(b / 256) * 4 + 256 * 4 + 4 + 16 * 4 for b in blocks)
-        else:
-            consts = sum(b * 4 + 16 * 4 for b in blocks)
-        items.append(Item("base weights, 4-bit", f"{n:,} params x 0.5 B", sum((k + 1) // 2 for k in arch.linear_numels),
-                          "static"))
-        items.append(Item("quant constants", f"{sum(blocks):,} blocks of {BLOCK}, "
-                          + ("8-bit absmax + fp32 per 256" if q.double_quant else "fp32 absmax")
-                          + f", codes of {len(blocks)} weights", consts, "static"))
-    elif q.bits == 8:
-        rows = sum(o for _, o in arch.layer_linears.values()) * arch.layers
-        items.append(Item("base weights, int8", f"{n:,} params x 1 B + fp32 row scales", n + 4 * rows, "static"))
-    else:
-        items.append(Item(f"base weights, {m.dtype}", f"{n:,} params x {dt} B", n * dt, "static"))
+    weights = backend_of(cfg.quantization).weight_bytes(cfg.quantization, arch.linear_shapes, dt)
+    items = [Item(w.name, w.inputs, w.bytes, "static") for w in weights]
     items.append(Item("embeddings, head, norms", f"{arch.other_params:,} params x {dt} B"
                       + (" (head tied)" if arch.tied else ""), arch.other_params * dt, "static"))
     return items
@@ -256,87 +241,115 @@ def _fsdp_items(items: list[Item], arch: Arch, n: int) -> list[Item]:
 
 
 def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None = None,
-            device: str = "cuda") -> Ledger:
-    """The ledger of one training step at `micro_batch` x model.max_seq_len tokens (CUDA allocator bytes)."""
+            device: str = "cuda", adapters: list[LoraConfig] | None = None,
+            modes: list[str] | None = None) -> Ledger:
+    """The ledger of one training step at `micro_batch` x model.max_seq_len tokens (CUDA allocator bytes).
+
+    `adapters`: the LoRA configs of a fused group (runner/fuse.py), each training on its own copy of the batch (the
+    copies stacked: the base's activations scale with their number, each adapter adds its own); default the run's
+    one. `modes`: each layer's keep/recompute/offload (default: what cfg.checkpointing says).
+    """
     arch = arch or read_arch(cfg)
+    adapters = adapters or [cfg.lora]
+    copies = len(adapters)
+    modes = modes or layer_modes(cfg.checkpointing, arch.layers)
     mb = micro_batch or int(cfg.data.micro_batch_size)
     seq = cfg.model.max_seq_len
-    T = mb * seq
+    T = mb * seq  # tokens of one copy
+    TN = T * copies
     c = 2
     items = _weight_bytes(arch, cfg)
 
-    a = 4 if cfg.lora.adapter_dtype == "float32" else 2
-    mods = _lora_modules(arch, cfg)
-    lora_params = arch.layers * sum(cfg.lora.r * (i + o) + (o if cfg.lora.use_dora else 0) for i, o in mods.values())
-    items.append(Item("LoRA parameters", f"{lora_params:,} = L x sum r(in+out) x {a} B", lora_params * a, "static"))
-    items.append(Item("LoRA gradients", f"{lora_params:,} x {a} B", lora_params * a, "static"))
+    a_bytes = [4 if lo.adapter_dtype == "float32" else 2 for lo in adapters]
+    counts = [_lora_params(arch, cfg, lo) for lo in adapters]
+    lora_bytes = sum(n * a for n, a in zip(counts, a_bytes))
+    lora_params = sum(counts)
+    who = "" if copies == 1 else f" ({copies} adapters)"
+    items.append(Item("LoRA parameters" + who, f"{lora_params:,} = L x sum r(in+out) x {a_bytes[0]} B", lora_bytes,
+                      "static"))
+    items.append(Item("LoRA gradients" + who, f"{lora_params:,} x {a_bytes[0]} B", lora_bytes, "static"))
     if cfg.optim.name == "paged_adamw_8bit":
         items.append(Item("optimizer states (paged, managed memory)", f"{lora_params:,} x 2 B, outside the allocator",
                           lora_params * 2, "outside"))
     else:
-        items.append(Item("optimizer states (AdamW)", f"{lora_params:,} x 2 states x {a} B", lora_params * 2 * a,
-                          "static"))
-    items.append(Item("input batch", f"3 x {T:,} tokens x 8 B (ids, labels, mask)", 3 * T * 8, "static"))
+        items.append(Item("optimizer states (AdamW)" + who, f"{lora_params:,} x 2 states x {a_bytes[0]} B",
+                          2 * lora_bytes, "static"))
+    items.append(Item("input batch", f"3 x {TN:,} tokens x 8 B (ids, labels, mask)", 3 * TN * 8, "static"))
     weights_loaded = sum(i.bytes for i in items if i.name.startswith(("base", "quant", "embed")))
     n_proc = processes(cfg)
     if cfg.distributed.name == "fsdp" and n_proc > 1:
         items = _fsdp_items(items, arch, n_proc)
     elif cfg.distributed.name == "ddp" and n_proc > 1:
-        items.append(Item("DDP gradient buckets", f"a copy of the LoRA gradients, {lora_params:,} x {a} B",
-                          lora_params * a, "static"))
+        items.append(Item("DDP gradient buckets", f"a copy of the LoRA gradients, {lora_params:,} x {a_bytes[0]} B",
+                          lora_bytes, "static"))
     static = sum(i.bytes for i in items if i.kind == "static")
 
     per_tok = activation_bytes_per_token(arch, cfg, device)
-    layer_saved = int(sum(per_tok.values()) * T)
-    ck = cfg.checkpointing
+    lora_tok = [activation_bytes_per_token(arch, dataclasses.replace(cfg, lora=lo), device)["lora"]
+                for lo in adapters]
+    base_tok = sum(v for k, v in per_tok.items() if k != "lora")
+    layer_saved = int(base_tok * TN + sum(lora_tok) * T)  # one layer's activations kept for backward
+    chunk = cfg.model.mlp_chunk
+    tiled = 0 < chunk < TN  # model.mlp_chunk: the MLP's intermediates exist for one piece of tokens at a time
+    mlp_saved = per_tok["mlp"] * TN
+    if tiled:
+        layer_saved = int(layer_saved - mlp_saved)  # kept: only the pieces' inputs (views of the norm's output)
+    layer_in = TN * arch.hidden * c
     detail = ", ".join(f"{k} {v:,.0f}" for k, v in per_tok.items())
-    if not ck.enabled:
-        saved = arch.layers * layer_saved
-        items.append(Item("activations kept for backward", f"L={arch.layers} x T={T:,} x ({detail}) B/token",
-                          saved, "activation"))
-    else:
-        layer_in = arch.layers * T * arch.hidden * c
-        if ck.offload_to_cpu:
-            items.append(Item("checkpointed layer inputs (host memory)", f"L x T x h x {c} B, pinned on the CPU",
-                              layer_in, "outside"))
-            saved = 2 * T * arch.hidden * c  # the layer being recomputed and the one prefetched behind it
-            items.append(Item("offload copy-back buffers", f"2 x T x h x {c} B (current + prefetched)", saved,
-                              "activation"))
-        else:
-            saved = layer_in
-            items.append(Item("checkpointed layer inputs", f"L={arch.layers} x T={T:,} x h={arch.hidden} x {c} B",
-                              saved, "activation"))
-        items.append(Item("recompute of one layer", f"T x ({detail}) B/token", layer_saved, "transient"))
+    n_keep, n_rc, n_off = (modes.count(m) for m in MODES)
+    saved = 0
+    if n_keep:
+        items.append(Item("activations kept for backward", f"{n_keep} layers x T={TN:,} x ({detail}) B/token",
+                          n_keep * layer_saved, "activation"))
+        saved += n_keep * layer_saved
+    if n_rc:
+        items.append(Item("checkpointed layer inputs", f"{n_rc} layers x T={TN:,} x h={arch.hidden} x {c} B",
+                          n_rc * layer_in, "activation"))
+        saved += n_rc * layer_in
+    if n_off:
+        items.append(Item("checkpointed layer inputs (host memory)", f"{n_off} layers x T x h x {c} B, pinned on "
+                          "the CPU", n_off * layer_in, "outside"))
+        items.append(Item("offload copy-back buffers", f"2 x T x h x {c} B (current + prefetched)", 2 * layer_in,
+                          "activation"))
+        saved += 2 * layer_in
+    mlp_piece = int(per_tok["mlp"] * chunk) if tiled else 0  # one piece's intermediates, recomputed in backward
+    if n_rc or n_off:
+        items.append(Item("recompute of one layer", f"T x ({detail}) B/token"
+                          + (f", MLP in pieces of {chunk} tokens" if tiled else ""), layer_saved + mlp_piece,
+                          "transient"))
     # Gradients in flight through one layer's backward: d(hidden) and residual, d(MLP intermediates), plus
     # the one quantized weight dequantized to bf16 for its input gradient.
-    layer_grad = T * c * (3 * arch.hidden + 3 * arch.intermediate) + arch.largest_linear * c
-    items.append(Item("layer backward working set", f"T x {c} x (3h + 3I) + largest weight x {c} B", layer_grad,
-                      "transient"))
+    mlp_tokens = chunk if tiled else TN
+    layer_grad = TN * c * 3 * arch.hidden + mlp_tokens * c * 3 * arch.intermediate + arch.largest_linear * c
+    items.append(Item("layer backward working set", f"T x {c} x 3h + {'chunk' if tiled else 'T'} x {c} x 3I + "
+                      f"largest weight x {c} B", layer_grad, "transient"))
 
     V = arch.vocab
     if cfg.model.kernels == "liger":
         chunk = 2 ** math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / arch.hidden)))))
-        loss = T * arch.hidden * c + chunk * V * (c + 4)
+        # each adapter's loss keeps d(hidden) of its rows from its forward until the backward
+        loss = TN * arch.hidden * c + chunk * V * (c + 4)
         items.append(Item("loss (liger fused linear CE)", f"d(hidden) T x h x {c} + chunk {chunk} x V={V:,} x 6 B",
                           loss, "transient"))
         loss_fwd = loss
     else:
         # logits bf16 (2), their fp32 upcast (4) and log_softmax's fp32 output (4) in forward; in backward the
-        # saved output, its incoming gradient and log_softmax's input gradient, all fp32 (12).
-        loss = 12 * T * V
-        loss_fwd = 4 * T * V  # log_softmax's output stays saved after the forward
-        items.append(Item("logits + cross-entropy", f"T={T:,} x V={V:,} x 12 B (fp32 grads of log_softmax)",
-                          loss, "transient"))
+        # saved output, its incoming gradient and log_softmax's input gradient, all fp32 (12); a group's adapters
+        # each keep their saved output until the one backward
+        loss = 12 * T * V + 4 * T * V * (copies - 1)
+        loss_fwd = 4 * TN * V  # log_softmax's output stays saved after the forward
+        items.append(Item("logits + cross-entropy", f"T={T:,} x V={V:,} x 12 B (fp32 grads of log_softmax)"
+                          + (f" + {copies - 1} x 4 B saved" if copies > 1 else ""), loss, "transient"))
 
     # Peak: at the start of backward (everything saved + loss buffers) or inside one layer's backward.
     at_loss = static + saved + loss
-    recompute = layer_saved if ck.enabled else 0
+    recompute = layer_saved + mlp_piece if (n_rc or n_off) else mlp_piece
     at_layer = static + saved + recompute + layer_grad
     kept = [i.name for i in items if i.kind in ("static", "activation")]
     if at_loss >= at_layer:
         peak, where, terms = at_loss, "the loss backward (logits)", kept + [items[-1].name]
     else:
-        extra = ["recompute of one layer"] if ck.enabled else []
+        extra = ["recompute of one layer"] if recompute else []
         peak, where, terms = at_layer, "a layer's backward", kept + extra + ["layer backward working set"]
     weights = sum(i.bytes for i in items if i.kind == "static" and i.name.startswith(("base", "quant", "embed")))
     if weights_loaded > peak:  # FSDP on many processes: each loads the whole quantized model before sharding it
@@ -344,10 +357,17 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
             ["base weights, quant constants, embeddings before sharding"]
     phases = {
         "load": weights_loaded,
-        "wrap": weights + lora_params * a,
-        "first_forward": weights + lora_params * a + saved + loss_fwd,
-        "first_backward": weights + 2 * lora_params * a,
-        "first_optimizer_step": static - lora_params * a - 3 * T * 8,  # gradients freed, states kept
+        "wrap": weights + lora_bytes,
+        "first_forward": weights + lora_bytes + saved + loss_fwd,
+        "first_backward": weights + 2 * lora_bytes,
+        "first_optimizer_step": static - lora_bytes - 3 * TN * 8,  # gradients freed, states kept
         "step_peak": peak,
     }
-    return Ledger(items, peak, where, phases, terms, mb, seq, {"per_token": per_tok, "arch": arch})
+    host = n_off * layer_in
+    return Ledger(items, peak, where, phases, terms, mb, seq,
+                  {"per_token": per_tok, "arch": arch, "modes": modes, "host_bytes": host, "copies": copies})
+
+
+def _lora_params(arch: Arch, cfg: TrainConfig, lo: LoraConfig) -> int:
+    mods = _lora_modules(arch, dataclasses.replace(cfg, lora=lo))
+    return arch.layers * sum(lo.r * (i + o) + (o if lo.use_dora else 0) for i, o in mods.values())

@@ -2,24 +2,32 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from qlora_lab.core.errors import ConfigError
+from qlora_lab.core.modes import parse_layers
 from qlora_lab.core.schema import TrainConfig
-from qlora_lab.memory.ledger import Arch, Ledger, predict, read_arch
+from qlora_lab.memory.frontier import Plan, longest_seq, plan_layers
+from qlora_lab.memory.ledger import CUDA_CONTEXT_GIB, Arch, Ledger, predict, read_arch
 from qlora_lab.memory.readings import GIB
+from qlora_lab.model.quantize import backend_of
 
 PHASES = ("load", "wrap", "first_forward", "first_backward", "first_optimizer_step", "step_peak")
 
 
 def gpu_budget_gib(cfg: TrainConfig, device: str) -> float | None:
-    """The card to plan for: plan.gpu_memory_gib, else the current GPU's memory, else None (no verdict)."""
+    """The card to plan for: plan.gpu_memory_gib, else what the current GPU has free (another process on the card, a
+    co-scheduled sweep job, is not this run's to take; this process's own CUDA context is in the ledger), else None
+    (no verdict)."""
     if cfg.plan.gpu_memory_gib is not None:
         return cfg.plan.gpu_memory_gib
     if device == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(0).total_memory / GIB
+        free, _ = torch.cuda.mem_get_info()
+        return free / GIB + CUDA_CONTEXT_GIB
     return None
 
 
@@ -67,8 +75,8 @@ def _matches(name: str, target: str) -> bool:
 
 
 def check_module_names(cfg: TrainConfig, arch: Arch) -> None:
-    """Each named LoRA target must match a layer LoRA can wrap, and each quantization.skip_modules entry a module:
-    PEFT rejects a norm only after the weights have loaded, and bitsandbytes ignores a name that matches nothing."""
+    """Each named LoRA target must match a layer LoRA can wrap, and each module the quantization leaves unquantized a
+    module: PEFT rejects a norm only after the weights have loaded, and a backend ignores a name matching nothing."""
     problems = []
     targets = list(cfg.lora.target_modules)
     if targets != ["all-linear"]:
@@ -83,10 +91,10 @@ def check_module_names(cfg: TrainConfig, arch: Arch) -> None:
                 problems.append(f"lora.target_modules names {t!r}, a {', '.join(kinds)}, which LoRA cannot adapt (it "
                                 f"wraps Linear, Embedding and Conv layers); name linear layers, e.g. "
                                 f"{', '.join(arch.linear_suffixes[:4])}, or use [all-linear]")
-    # bitsandbytes keeps a module unquantized when a skip entry is one of its dotted name parts (or a prefix)
-    unknown = [s for s in cfg.quantization.skip_modules
-               if not any(f".{s}." in f".{n}." for n in arch.module_names)]
-    if unknown and cfg.quantization.bits != 16:
+    # a backend keeps a module unquantized when a skip entry is one of its dotted name parts (or a prefix)
+    skipped = backend_of(cfg.quantization).unquantized(cfg.quantization)
+    unknown = [s for s in skipped if not any(f".{s}." in f".{n}." for n in arch.module_names)]
+    if unknown:
         problems.append(f"quantization.skip_modules names {unknown} but model {cfg.model.name} has no such module, so "
                         f"nothing would be skipped; name modules of the model (its linear layers: "
                         f"{', '.join(arch.linear_suffixes)})")
@@ -94,15 +102,64 @@ def check_module_names(cfg: TrainConfig, arch: Arch) -> None:
         raise ConfigError(problems)
 
 
-def plan_run(cfg: TrainConfig, device: str) -> tuple[Ledger, float | None]:
-    """The run's ledger and the budget it is judged against; with `data.micro_batch_size=auto`, the ledger of the
-    largest micro-batch predicted to fit (the caller records that micro-batch in the run spec)."""
+@dataclass
+class RunPlan:
+    """What the plan settled for a run: its ledger, the budget it was judged against, and with
+    checkpointing=auto the chosen layer modes and micro-batch with their runners-up; with plan.max_seq_len=search
+    the longest length that trains."""
+
+    ledger: Ledger
+    budget: float | None
+    layers: Plan | None = None
+    max_seq_len: int | None = None
+
+
+def plan_run(cfg: TrainConfig, device: str) -> RunPlan:
+    """The run's plan. With `data.micro_batch_size=auto`, the largest micro-batch predicted to fit; with
+    checkpointing.layers=auto, the fastest (micro-batch, per-layer modes) predicted to fit (the caller records what
+    was chosen in the run spec)."""
     arch = read_arch(cfg)
     check_module_names(cfg, arch)
+    layers = str(cfg.checkpointing.layers)
+    if layers not in ("all", "auto") and len(parse_layers(layers)) != arch.layers:
+        raise ConfigError([f"checkpointing.layers={layers} names {len(parse_layers(layers))} layers but model "
+                           f"{cfg.model.name} has {arch.layers}; give {arch.layers} (e.g. keep:{arch.layers}), or "
+                           "checkpointing.layers=auto"])
     budget = gpu_budget_gib(cfg, device)
+    found_len = None
+    if cfg.plan.max_seq_len == "search":
+        if budget is None:
+            raise ConfigError(["plan.max_seq_len=search needs a budget: plan.gpu_memory_gib=N (or a GPU)"])
+        found_len, _ = longest_seq(cfg, arch, budget)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_seq_len=found_len))
+    if cfg.checkpointing.layers == "auto":
+        name = torch.cuda.get_device_name() if device == "cuda" and torch.cuda.is_available() else None
+        layers = plan_layers(cfg, arch, budget, name)
+        return RunPlan(layers.chosen.ledger, budget, layers, found_len)
     if cfg.data.micro_batch_size == "auto":
-        return pick_micro_batch(cfg, arch, budget), budget
-    return predict(cfg, int(cfg.data.micro_batch_size), arch), budget
+        return RunPlan(pick_micro_batch(cfg, arch, budget), budget, None, found_len)
+    return RunPlan(predict(cfg, int(cfg.data.micro_batch_size), arch), budget, None, found_len)
+
+
+def predict_group(cfgs: list[TrainConfig], micro_batch: int | None = None) -> Ledger:
+    """The ledger of a fused group: the first job's base and batches, every job's adapter on its own copy."""
+    cfg = cfgs[0]
+    return predict(cfg, micro_batch or int(cfg.data.micro_batch_size), adapters=[c.lora for c in cfgs])
+
+
+def pick_group_micro_batch(cfgs: list[TrainConfig], budget: float) -> int:
+    """The largest micro-batch (up to plan.max_micro_batch) at which the group is predicted to fit; 1 at least."""
+    cfg = cfgs[0]
+    arch = read_arch(cfg)
+    adapters = [c.lora for c in cfgs]
+    lo, hi = 1, cfg.plan.max_micro_batch
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(predict(cfg, mid, arch, adapters=adapters), budget, cfg.plan.safety_margin):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def verdict(ledger: Ledger, budget: float | None, margin: float) -> str:
@@ -113,13 +170,22 @@ def verdict(ledger: Ledger, budget: float | None, margin: float) -> str:
             f"(needs {ledger.card_gib:.2f} GiB on the card)")
 
 
-def plan_report(cfg: TrainConfig, ledger: Ledger, budget: float | None, overrides: list[str]) -> str:
+def plan_report(cfg: TrainConfig, ledger: Ledger, budget: float | None, overrides: list[str],
+                run_plan: RunPlan | None = None) -> str:
     head = (f"memory ledger: model={cfg.model.name} quantization={cfg.quantization.name} lora.r={cfg.lora.r} "
-            f"checkpointing={cfg.checkpointing.name} kernels={cfg.model.kernels} "
+            f"checkpointing={cfg.checkpointing.name} ({cfg.checkpointing.layers}) kernels={cfg.model.kernels} "
             f"micro_batch={ledger.micro_batch} seq={ledger.seq_len}")
     line = (f"PLAN {' '.join(overrides) or '(defaults)'}: peak {ledger.peak_gib:.2f} GiB allocated at "
             f"{ledger.peak_where}; {verdict(ledger, budget, cfg.plan.safety_margin)}")
-    return "\n".join([head, ledger.table(), line])
+    parts = [head, ledger.table(), line]
+    if run_plan is not None and run_plan.layers is not None:
+        lp = run_plan.layers
+        parts.append(f"checkpointing=auto: the chosen plan (*) and the runners-up, predicted (bounded by {lp.limit}; "
+                     f"host RAM for offload {lp.host_gib or 0:.1f} GiB):\n{lp.table()}")
+    if run_plan is not None and run_plan.max_seq_len is not None:
+        parts.append(f"plan.max_seq_len=search: the longest model.max_seq_len that trains at micro-batch 1 within "
+                     f"{budget:.1f} GiB (every layer offloaded): {run_plan.max_seq_len:,} tokens")
+    return "\n".join(parts)
 
 
 def predicted_metrics(ledger: Ledger) -> dict[str, float]:

@@ -6,6 +6,7 @@ import torch
 
 from qlora_lab.core.schema import LoraConfig
 from qlora_lab.model.fused_lora import fuse
+from qlora_lab.model.quantize import Backend
 
 
 def build_lora_config(lo: LoraConfig):
@@ -30,11 +31,13 @@ def build_lora_config(lo: LoraConfig):
     )
 
 
-def wrap_model(model: torch.nn.Module, lo: LoraConfig) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, lo: LoraConfig, backend: Backend, adapter_name: str = "default"
+               ) -> torch.nn.Module:
+    """The PEFT model with one adapter, `adapter_name` (PEFT's `default`; a fused group's first job its own name)."""
     import peft
 
     try:
-        model = peft.get_peft_model(model, build_lora_config(lo),
+        model = peft.get_peft_model(model, build_lora_config(lo), adapter_name=adapter_name,
                                     autocast_adapter_dtype=lo.adapter_dtype == "float32")
     except ValueError as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
@@ -43,22 +46,26 @@ def wrap_model(model: torch.nn.Module, lo: LoraConfig) -> torch.nn.Module:
             raise ValueError(f"lora.target_modules={list(lo.target_modules)} matches no module of the model; "
                              f"its linear layers are named: {', '.join(names)}") from e
         raise
-    if lo.adapter_dtype == "bfloat16":
-        for name, param in model.named_parameters():
-            if param.requires_grad:
-                param.data = param.data.to(torch.bfloat16)
+    set_adapter_dtype(model, lo, adapter_name)
     if lo.kernel == "fused":
-        fuse(model)
+        fuse(model, backend)
     return model
 
 
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, counting each 4-bit weight as one parameter."""
+def set_adapter_dtype(model: torch.nn.Module, lo: LoraConfig, adapter_name: str) -> None:
+    """lora.adapter_dtype=bfloat16: the adapter's weights (hence its gradients and AdamW states) in bf16."""
+    if lo.adapter_dtype == "bfloat16":
+        tag = f".{adapter_name}."
+        for name, param in model.named_parameters():
+            if param.requires_grad and tag in name:
+                param.data = param.data.to(torch.bfloat16)
+
+
+def count_parameters(model: torch.nn.Module, backend: Backend) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counting each quantized weight as one parameter."""
     trainable = total = 0
     for param in model.parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":  # packed: two 4-bit values per byte of storage
-            n *= param.element_size() * 2
+        n = backend.logical_numel(param)
         total += n
         if param.requires_grad:
             trainable += n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from qlora_lab.core.dtypes import torch_dtype
@@ -10,9 +12,11 @@ from qlora_lab.model.attention import PACKED, register
 from qlora_lab.model.kernels import apply_kernels
 
 
-def load_model(path: str, m: ModelConfig, bnb_config, device: str, packed: bool = False) -> torch.nn.Module:
-    """`packed`: attention over packed rows, documents isolated (model/attention.py) instead of
-    model.attn_implementation."""
+def load_model(path: str, m: ModelConfig, quantize: dict[str, Any], device: str, packed: bool = False
+               ) -> torch.nn.Module:
+    """`quantize`: what the quantization backend gives from_pretrained (its quantization_config), so the weights are
+    quantized as they stream in; `packed`: attention over packed rows, documents isolated (model/attention.py)
+    instead of model.attn_implementation."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     apply_kernels(AutoConfig.from_pretrained(path, trust_remote_code=m.trust_remote_code), m)
@@ -20,7 +24,7 @@ def load_model(path: str, m: ModelConfig, bnb_config, device: str, packed: bool 
         register()
     model = AutoModelForCausalLM.from_pretrained(
         path,
-        quantization_config=bnb_config,
+        **quantize,
         dtype=torch_dtype(m.dtype),
         attn_implementation=PACKED if packed else str(m.attn_implementation),
         # one device (this process's GPU under torchrun); the weights are quantized as they stream in

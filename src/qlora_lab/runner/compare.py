@@ -23,7 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qlora_lab.core.goals import goal
+from qlora_lab.evaluation.metrics import goal
 
 HEAD = ["summary/status", "summary/final_loss", "summary/eval_loss"]
 TAIL = ["summary/tokens_per_s", "summary/peak_memory_gib", "summary/overhead_s"]

@@ -1,5 +1,5 @@
-"""Checks against the machine, before any model loads: the device, bitsandbytes' backend, files and directories,
-credentials, the hub. Together with the pure config checks (`core.checks`) they make `validate`, which reports
+"""Checks against the machine, before any model loads: the device, the quantization backend and the sinks (each
+plug-in says what it needs), files and directories, the hub. Together with the pure config checks (`core.checks`) they make `validate`, which reports
 every problem at once, each with its fix.
 
 Nothing here changes the machine: directories are checked for writability without being created.
@@ -7,7 +7,6 @@ Nothing here changes the machine: directories are checked for writability withou
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
@@ -16,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab import sinks
 from qlora_lab.core.checks import config_problems
 from qlora_lab.core.dist import launched_rank, launched_world_size
 from qlora_lab.core.errors import ConfigError, RunDirInUse
 from qlora_lab.core.schema import ModelConfig, TrainConfig
+from qlora_lab.model import quantize
 from qlora_lab.model.gguf import locate
 from qlora_lab.runner.rundir import not_writable, reuse_problem
 
@@ -35,36 +36,8 @@ def resolve_device(device: str) -> str:
     return str(device)
 
 
-@functools.lru_cache(maxsize=None)
-def quant_backend_problem(device: str, bits: int, quant_type: str) -> str | None:
-    """None if bitsandbytes can quantize to `bits` on `device`, else why not.
-
-    Probed by quantizing a small tensor for real: a version check would miss a build without this device's library.
-    """
-    try:
-        import bitsandbytes.functional as F  # lazy: the CPU-only path need not pay for it
-    except Exception as e:  # ImportError, or a broken native library
-        return f"bitsandbytes is not importable ({type(e).__name__}: {e})"
-    try:
-        x = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
-        if bits == 4:
-            F.quantize_4bit(x, quant_type=quant_type)
-        else:
-            F.int8_vectorwise_quant(x.half())
-    except Exception as e:
-        return f"bitsandbytes has no {bits}-bit backend for device '{device}' ({type(e).__name__}: {str(e)[:120]})"
-    return None
-
-
 def looks_local(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or (os.sep in path and Path(path).exists())
-
-
-def _wandb_has_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
 
 
 def _hub_host() -> tuple[str, int]:
@@ -235,13 +208,12 @@ def _attention(cfg: TrainConfig, device: str) -> list[str]:
             + (", or pip install flash-attn" if device == "cuda" else "")]
 
 
-def _quantization(cfg: TrainConfig, device: str) -> list[str]:
-    q = cfg.quantization
-    if q.bits not in (4, 8):
-        return []
-    why = quant_backend_problem(device, q.bits, str(q.quant_type))
-    return [f"quantization={q.name} needs a bitsandbytes backend for '{device}': {why}; install bitsandbytes>=0.49 "
-            "(CPU and CUDA backends) or choose quantization=none"] if why else []
+def _plugins(cfg: TrainConfig, device: str) -> list[str]:
+    """The quantization backend's and the sinks' problems, with their config and on this machine."""
+    p = quantize.config_problems(cfg) + sinks.config_problems(cfg.logger)
+    if not p:
+        p = quantize.machine_problems(cfg, device) + sinks.machine_problems(cfg.logger)
+    return p
 
 
 def _data(cfg: TrainConfig) -> list[str]:
@@ -286,14 +258,6 @@ def _run_dir(cfg: TrainConfig) -> list[str]:
     return [why] if why else []
 
 
-def _logger(cfg: TrainConfig) -> list[str]:
-    lg = cfg.logger
-    if lg.name == "wandb" and lg.mode == "online" and not _wandb_has_credentials():
-        return ["logger.mode=online but no W&B credentials were found; run `wandb login` (or set WANDB_API_KEY), "
-                "or keep logger.mode=offline and `wandb sync` later"]
-    return []
-
-
 def _launch(cfg: TrainConfig, device: str, world: int) -> list[str]:
     if cfg.distributed.name != "none" and device == "cuda" and cfg.mode == "train" \
             and world > torch.cuda.device_count():
@@ -307,8 +271,8 @@ def validate(cfg: TrainConfig) -> str:
     world = launched_world_size()
     device, problems = _device(cfg)
     problems += config_problems(cfg, device, world)
-    problems += _model(cfg) + _tokenizer(cfg.model) + _attention(cfg, device) + _quantization(cfg, device) + _data(cfg) + _files(cfg) \
-        + _logger(cfg) + _launch(cfg, device, world)
+    problems += _model(cfg) + _tokenizer(cfg.model) + _attention(cfg, device) + _plugins(cfg, device) + _data(cfg) + _files(cfg) \
+        + _launch(cfg, device, world)
     in_use = _run_dir(cfg)
     if in_use:
         raise RunDirInUse(problems + in_use)

@@ -7,10 +7,10 @@ dir and its `.hydra/` before any of our code runs, and a run dir named on the co
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,8 @@ from qlora_lab.core.dist import launched_rank
 from qlora_lab.core.errors import CheckpointError, Status
 from qlora_lab.core.schema import OptimConfig
 from qlora_lab.sinks.summary import read_summary
+
+log = logging.getLogger(__name__)
 
 RUN_FILES = ("run_info.json", "metrics.jsonl", "summary.json", "checkpoints", "adapter")
 REPLACED = "replaced"  # overwrite=true moves an old run to <run dir>/replaced/<time>/
@@ -177,7 +179,7 @@ def forget_launch(run_dir: Path, refused: bool = False) -> None:
 
 
 def _refuse(message: str) -> None:
-    print(f"qlora-lab: {message}", file=sys.stderr)
+    log.error(message)
     raise SystemExit(2)
 
 

@@ -12,9 +12,12 @@ job failed. Ctrl-C stops the sweep and says which jobs finished.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import json
 import multiprocessing
+from multiprocessing import forkserver
 import os
 import subprocess
 import sys
@@ -25,13 +28,16 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qlora_lab.configs import typed
 from qlora_lab.core.errors import Status
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
-from qlora_lab.core.schema import TrainConfig
 from qlora_lab.model.source import model_config
+from qlora_lab.runner import fuse
 from qlora_lab.runner.run import run
 from qlora_lab.runner.rundir import held_run
 from qlora_lab.sinks.summary import read_summary, record_failure
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "sweep_summary.jsonl"
 COMPILE_CACHE = ".compile_cache"  # in the sweep dir
@@ -95,7 +101,9 @@ def _forked(config_path: str, env: dict[str, str], cwd: str) -> None:
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    if torch.cuda._is_in_bad_fork():  # a preloaded import initialised CUDA in the warm process
+    # A preloaded import initialised CUDA in the warm process (on a machine without a GPU, merely asking for one
+    # marks the fork: harmless there, as nothing will use CUDA).
+    if torch.cuda._is_in_bad_fork() and torch.cuda.is_available():
         raise RuntimeError("the sweep's warm process initialised CUDA, so its forks cannot use the GPU; run the "
                            "sweep with sweep.warm_start=false (and report the model, kernels and versions)")
     _child(Path(config_path))
@@ -120,6 +128,18 @@ def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.conte
         os.environ.update({**env, **NVML_CHECK})  # the server inherits this process's environment when it starts
         _warm = multiprocessing.get_context("forkserver")
         _warm.set_forkserver_preload(preload(cfg))
+        # The server imports with no GPU visible: some libraries ask the GPU's properties at import (torchao, which
+        # transformers' modeling modules import, asks for the compute capability: that initialises CUDA, after
+        # which no fork can use the GPU). Each job sets its own devices back before its first CUDA call.
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        try:
+            forkserver.ensure_running()
+        finally:
+            if visible is None:
+                del os.environ["CUDA_VISIBLE_DEVICES"]
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return _warm
 
 
@@ -146,11 +166,15 @@ class _Job:
 
 
 def _child(config_path: Path) -> None:
-    """The training process of one job: a fresh interpreter, so nothing of another job's memory is in it."""
+    """The training process of one job (or of a fused group of jobs): a new process, so nothing of another job's
+    memory is in it."""
     container = json.loads(config_path.read_text())
+    if "group" in container:
+        _group_child(container)
+        return
     gpus = container["config"]["sweep"]["gpus"]
     gpu_lock = _take_gpu(config_path.parent.parent / ".gpu_locks", list(gpus) if gpus is not None else None)
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), container["config"])
+    cfg = typed(container["config"])
     try:
         run(cfg, overrides=container["overrides"])
     except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
@@ -162,18 +186,93 @@ def _child(config_path: Path) -> None:
             gpu_lock.close()
 
 
-def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str) -> dict[str, Any]:
+def _group_child(container: dict[str, Any]) -> None:
+    entries = [fuse.Entry(job["config"], job["overrides"]) for job in container["group"]]
+    gpus = entries[0].config["sweep"]["gpus"]
+    gpu_lock = _take_gpu(Path(container["sweep_dir"]) / ".gpu_locks", list(gpus) if gpus is not None else None)
+    try:
+        fuse.run_group(entries)
+    except BaseException as e:  # what no job recorded: each job dir says why the group ended
+        for entry in entries:
+            record_failure(Path(entry.config["output_dir"]), e)
+        traceback.print_exc()
+        sys.exit(1)
+    finally:
+        if gpu_lock is not None:
+            gpu_lock.close()
+
+
+def job_config(cfg: DictConfig) -> DictConfig:
+    """A job's config as it trains: with sweep.resume, a job that did not finish continues (resume=auto)."""
+    if cfg.sweep.resume and held_run(Path(cfg.output_dir)) and cfg.resume is None:
+        cfg = cfg.copy()
+        OmegaConf.update(cfg, "resume", "auto")
+    return cfg
+
+
+def finished_before(cfg: DictConfig, job_name: str) -> dict[str, Any] | None:
+    """sweep.resume: the summary of a job that finished in an earlier run of this sweep (it is skipped), else None."""
+    previous = read_summary(Path(cfg.output_dir))
+    if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
+        log.info(f"{job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
+        return {**previous, "resumed": True}
+    return None
+
+
+def run_group(cfgs: list[DictConfig], overrides: list[list[str]], sweep_dir: Path, names: list[str],
+              start_lock: Any = contextlib.nullcontext()) -> list[dict[str, Any]]:
+    """A fused group of multirun jobs (runner/fuse.py) trained in one child process; each job's record goes into
+    the sweep's summary as a job run alone puts it there."""
+    cfgs = [job_config(c) for c in cfgs]
+    group = [{"config": OmegaConf.to_container(c, resolve=True), "overrides": o} for c, o in zip(cfgs, overrides)]
+    path = sweep_dir / f"group_{names[0]}.json"
+    path.write_text(json.dumps({"group": group, "sweep_dir": str(sweep_dir)}, default=str))
+    t0 = time.perf_counter()
+    with start_lock:
+        job = _Job(path, job_env(sweep_dir), cfgs[0] if cfgs[0].sweep.warm_start else None)
+    try:
+        job.wait()
+    except KeyboardInterrupt:
+        job.stop()
+        for name, o in zip(names, overrides):
+            _append(sweep_dir / SUMMARY_FILE, {"job": name, "overrides": o, "summary/status": str(Status.interrupted)})
+        raise
+    wall = time.perf_counter() - t0
+    records = []
+    for cfg, o, name in zip(cfgs, overrides, names):
+        record = read_summary(Path(cfg.output_dir)) or {"summary/status": str(Status.failed),
+                                                        "summary/reason": "the job wrote no summary"}
+        record["job_wall_s"] = wall  # the group's: its jobs trained at once
+        record["fused_with"] = [n for n in names if n != name]
+        if record.get("summary/train_time_s") is not None:
+            record["job_overhead_s"] = wall - record["summary/train_time_s"]
+        record = {"job": name, "overrides": o, "dir": cfg.output_dir, **record}
+        _append(sweep_dir / SUMMARY_FILE, record)
+        records.append(record)
+    return records
+
+
+def refuse_under_launcher() -> None:
+    """A sweep started under torchrun / accelerate launch would run every job in every process: refuse it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        log.error("a sweep (-m) fans its jobs out itself (hydra/launcher=local_gpus: one job per GPU); run it with "
+                  "python, not under torchrun / accelerate launch")
+        raise SystemExit(2)
+
+
+def record_skip(sweep_dir: Path, job_name: str, overrides: list[str], cfg: DictConfig, previous: dict[str, Any]) -> None:
+    """A job sweep.resume skips (it finished before) in the sweep's summary, as run_job records it."""
+    _append(sweep_dir / SUMMARY_FILE, {"job": job_name, "overrides": overrides, "dir": str(cfg.output_dir), **previous})
+
+
+def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: str,
+            start_lock: Any = contextlib.nullcontext()) -> dict[str, Any]:
     """One multirun job: with sweep.resume, skipped if it finished and continued (resume=auto) if it did not; else
     trained in a child process. (RunDirGuard refused a sweep into a dir with earlier jobs before any job ran.)"""
     job_dir = Path(cfg.output_dir)
-    previous = read_summary(job_dir)
-    if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
-        print(f"qlora-lab: {job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
-        record = {**previous, "resumed": True}
-    else:
-        if cfg.sweep.resume and held_run(job_dir) and cfg.resume is None:  # a job that did not finish: continue it
-            cfg = cfg.copy()
-            OmegaConf.update(cfg, "resume", "auto")
+    record = finished_before(cfg, job_name)
+    if record is None:
+        cfg = job_config(cfg)
         container = OmegaConf.to_container(cfg, resolve=True)
         t0 = time.perf_counter()
         if cfg.sweep.isolate:
@@ -184,7 +283,8 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
             config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
-            job = _Job(config_path, job_env(sweep_dir), cfg if cfg.sweep.warm_start else None)
+            with start_lock:  # units side by side (sweep.max_parallel): one fork from the warm process at a time
+                job = _Job(config_path, job_env(sweep_dir), cfg if cfg.sweep.warm_start else None)
             try:
                 job.wait()
             except KeyboardInterrupt:
@@ -255,9 +355,9 @@ class SweepReport(Callback):
         table, bad = report(sweep_dir)
         if not table:
             return
-        print(f"qlora-lab: sweep {sweep_dir}\n{table}")
+        log.info(f"sweep {sweep_dir}\n{table}")
         if bad:
-            print(f"qlora-lab: {bad} job(s) did not finish; see {sweep_dir / SUMMARY_FILE}", file=sys.stderr)
+            log.error(f"{bad} job(s) did not finish; see {sweep_dir / SUMMARY_FILE}")
             raise SystemExit(1)
 
 

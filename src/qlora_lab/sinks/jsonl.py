@@ -48,6 +48,10 @@ class JsonlSink:
                 roll_back(p, resume_step)
         self._f = open(path, "a", encoding="utf-8")
 
+    @property
+    def run_id(self) -> None:
+        return None  # the run dir is its id
+
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self._f.write(json.dumps({"step": step, **json_safe(metrics)}) + "\n")
         self._f.flush()  # a crash must not lose the steps before it

@@ -18,8 +18,8 @@ from qlora_lab.core.spec import RunSpec
 
 CHECKOUT = Path(__file__).resolve().parents[3]  # src/qlora_lab/sinks/ -> the repository (an editable install)
 
-PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets", "tokenizers",
-            "hydra-core", "omegaconf", "wandb", "qlora-lab")
+PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "accelerate", "datasets", "tokenizers",
+            "hydra-core", "omegaconf", "wandb", "mlflow-skinny", "qlora-lab")
 
 
 def _git(*args: str) -> str | None:
@@ -69,10 +69,10 @@ def device_info(device: str) -> dict[str, Any]:
 
 
 def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, model_path: str,
-                   wandb_id: str | None = None) -> None:
+                   sink_ids: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> None:
     """run_info.json (+ git_diff.patch when the tree is dirty): enough to re-create this run. The config is the
-    resolved one (what ran); `resolved` says which values were `auto` and what they became; `wandb_id` lets a
-    restart before the first checkpoint continue the same W&B run. A restart keeps the earlier `resumes`."""
+    resolved one (what ran); `resolved` says which values were `auto` and what they became; `sink_ids` (each
+    sink's run id) let a restart before the first checkpoint continue the same runs. A restart keeps the earlier `resumes`."""
     path = out_dir / "run_info.json"
     earlier = json.loads(path.read_text()).get("resumes", []) if path.is_file() else []
     overrides = list(spec.overrides)
@@ -93,20 +93,24 @@ def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, mo
         "model_path": model_path,
         "resolved": spec.resolved,
         "config": spec.config(),
-        "wandb_id": wandb_id,
+        "sink_ids": dict(sink_ids or {}),
     }
+    info.update(extra or {})
     if earlier:
         info["resumes"] = earlier
     path.write_text(json.dumps(info, indent=2, default=str))
 
 
-def recorded_wandb_id(out_dir: Path) -> str | None:
-    """The W&B run id run_info.json recorded for the run in `out_dir` (None without one)."""
+def recorded_sink_ids(out_dir: Path) -> dict[str, str]:
+    """Each sink's run id that run_info.json recorded for the run in `out_dir` (empty without one)."""
     path = out_dir / "run_info.json"
     try:
-        return json.loads(path.read_text()).get("wandb_id") if path.is_file() else None
+        info = json.loads(path.read_text()) if path.is_file() else {}
     except ValueError:  # a run_info.json cut short
-        return None
+        return {}
+    if "sink_ids" in info:
+        return dict(info["sink_ids"])
+    return {"wandb": info["wandb_id"]} if info.get("wandb_id") else {}  # recorded before sinks were plug-ins
 
 
 def record_resume(out_dir: Path, *, checkpoint: Path | None, step: int, overrides: list[str],

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
 from qlora_lab.core.errors import RunDirInUse, Status, classify
+
+log = logging.getLogger(__name__)
 
 SUMMARY = "summary.json"
 
@@ -54,7 +56,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         summary = failure_summary(run_dir, exc)
         write_summary(run_dir, summary)
     except (OSError, ValueError) as e:  # read-only, full, or an unreadable earlier summary.json
-        print(f"qlora-lab: warning: could not record the failure in {Path(run_dir) / SUMMARY} "
-              f"({type(e).__name__}: {e})", file=sys.stderr)
+        log.warning(f"could not record the failure in {Path(run_dir) / SUMMARY} "
+                    f"({type(e).__name__}: {e})")
         summary = ending(exc)
     return summary

@@ -1,57 +1,99 @@
-"""A W&B run whose files live under the run dir (offline by default; `wandb sync` uploads them)."""
+"""The W&B sink: a W&B run whose files live under the run dir (offline by default; `wandb sync` uploads them).
+
+conf/logger/wandb.yaml (`logger=wandb`, the default; `logger=[wandb,mlflow]` with MLflow).
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
+import os
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from qlora_lab.core.goals import goal
-from qlora_lab.core.schema import Metric
+from qlora_lab.core.effects import Effect, key
+from qlora_lab.core.schema import Frozen
+from qlora_lab.sinks import RunRecord
 
+log = logging.getLogger(__name__)
+
+NAME = "wandb"
 MAX_SUMMARY = ("memory/peak_allocated_gib", "memory/peak_reserved_gib")  # a run's memory is its largest reading
 
 
-class WandbSink:
-    """A W&B run whose files live under the run dir (offline by default; `wandb sync` uploads them)."""
+class WandbMode(StrEnum):
+    offline = "offline"
+    online = "online"
+    disabled = "disabled"
 
-    def __init__(self, *, project: str, entity: str | None, mode: str, run_dir: Path, name: str,
-                 group: str | None, tags: list[str], config: dict[str, Any],
-                 resume: tuple[str, list[dict[str, Any]]] | None = None):
-        """`resume=(run id, records)` continues W&B run `run id` and first re-logs `records` (metrics.jsonl up to
-        the checkpoint): the W&B copy of a crashed process may lack its last seconds (W&B flushes its run file
-        every few seconds; a SIGKILL loses the rest), so the run is rewound to its start and refilled from the
-        durable local log. Synced in order (`wandb sync <run dir>/wandb/offline-run-*`), the files make one run.
-        """
-        import wandb  # lazy: logger=none never pays for it
+
+@dataclass
+class WandbConfig(Frozen):
+    project: str = key(Effect.location)
+    entity: Optional[str] = key(Effect.location)
+    mode: WandbMode = key(Effect.location)  # offline (files in the run dir) | online (needs `wandb login`) | disabled
+
+
+SCHEMA = WandbConfig
+
+
+def _has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def problems(cfg: WandbConfig) -> list[str]:
+    if cfg.mode == "online" and not _has_credentials():
+        return ["logger.wandb.mode=online but no W&B credentials were found; run `wandb login` (or set "
+                "WANDB_API_KEY), or keep logger.wandb.mode=offline and `wandb sync` later"]
+    return []
+
+
+def open_sink(cfg: WandbConfig, run: RunRecord) -> "WandbSink | None":
+    if cfg.mode == "disabled":
+        return None
+    return WandbSink(cfg, run)
+
+
+class WandbSink:
+    """A W&B run in the run dir. On a resume (`run.resume_id`) it continues that run: rewound to its start and
+    refilled from `run.history` (metrics.jsonl up to the checkpoint), since the W&B copy of a crashed process may lack
+    its last seconds (W&B flushes its run file every few seconds; a SIGKILL loses the rest). Synced in order
+    (`wandb sync <run dir>/wandb/offline-run-*`), the files make one run."""
+
+    def __init__(self, cfg: WandbConfig, run: RunRecord):
+        import wandb  # lazy: a run without W&B never pays for it
 
         self._wandb = wandb
-        kw = dict(project=project, entity=entity, mode=mode, dir=str(run_dir), name=name, group=group,
-                  tags=[t[:64] for t in tags], config=config, job_type="train",
-                  settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
-        if resume is None:
+        kw = dict(project=cfg.project, entity=cfg.entity, mode=str(cfg.mode), dir=str(run.run_dir), name=run.name,
+                  group=run.group, tags=[t[:64] for t in run.tags], config=run.config, job_type="train",
+                  # several runs at once in one process: a fused sweep's jobs each have theirs
+                  settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, reinit="create_new"))
+        if run.resume_id is None:
             self.run = wandb.init(**kw)
-            self._define_metrics()
+            self._define_metrics(run.goals)
             return
-        run_id, history = resume
         try:
-            self.run = wandb.init(resume_from=f"{run_id}?_step=0", **kw)
+            self.run = wandb.init(resume_from=f"{run.resume_id}?_step=0", **kw)
         except Exception as e:  # online, on a server without run rewind: continue after the steps it holds
-            print(f"qlora-lab: warning: W&B cannot rewind run {run_id} ({type(e).__name__}: {e}); continuing it "
-                  "after the last step the server holds", file=sys.stderr)
-            self.run = wandb.init(id=run_id, resume="allow", **kw)
-        self._define_metrics()
-        for record in history:
+            log.warning(f"W&B cannot rewind run {run.resume_id} ({type(e).__name__}: {e}); continuing it after the "
+                        "last step the server holds")
+            self.run = wandb.init(id=run.resume_id, resume="allow", **kw)
+        self._define_metrics(run.goals)
+        for record in run.history:
             if record["step"] >= self.run.step:
                 self.log({k: v for k, v in record.items() if k != "step" and v is not None}, record["step"])
 
-    def _define_metrics(self) -> None:
-        """What a W&B runs table shows for a metric: each eval metric at its best (min for losses, max for scores;
+    def _define_metrics(self, goals: dict[str, str]) -> None:
+        """What a W&B runs table shows for a metric: each eval metric at its best (as the metric declares it;
         `summary/best_eval_<m>_step` says when), memory at its max, instead of the last value logged."""
-        for m in Metric:
-            self.run.define_metric(f"eval/{m}", summary=goal(f"eval/{m}"))
-        for key in MAX_SUMMARY:
-            self.run.define_metric(key, summary="max")
+        for name, goal in goals.items():
+            self.run.define_metric(name, summary=goal)
+        for name in MAX_SUMMARY:
+            self.run.define_metric(name, summary="max")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         self.run.log(metrics, step=step)

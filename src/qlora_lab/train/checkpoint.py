@@ -18,6 +18,7 @@ checksum. All tensors load with `weights_only=True`.
 
 from __future__ import annotations
 
+import logging
 import errno
 import hashlib
 import json
@@ -31,28 +32,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from qlora_lab.configs import key_table
 from qlora_lab.core.dist import Dist
+from qlora_lab.core.effects import declared
 from qlora_lab.core.errors import CheckpointError
 from qlora_lab.core.flat import flatten
 from qlora_lab.train import gathered
+
+log = logging.getLogger(__name__)
 
 CKPT_DIR = "checkpoints"
 PREFIX = "step_"
 FILES = ("adapter.pt", "optimizer.pt", "scheduler.pt", "rng.pt", "trainer_state.json", "config.json")
 
-# Config keys whose change makes a checkpoint meaningless for the run (other weights, other adapter shape, other
-# data order): resuming with a different value is refused. Everything else (logging, eval interval, save cadence,
-# lr/schedule length, device, ...) is allowed and the differences are printed and recorded in run_info.json.
-MUST_MATCH = ("model.", "quantization.", "lora.", "data.source", "data.path", "data.config_name", "data.split",
-              "data.eval_fraction", "data.max_eval_rows", "data.mask_prompt", "data.shuffle", "data.num_rows",
-              "data.packing", "optim.name", "seed")
-# Same math, other kernels: allowed (and noted) although they sit under a MUST_MATCH prefix. (The FSDP storage
-# dtype of 4-bit weights changes their packing, not their values.)
-NUMERICS_ONLY = ("model.kernels", "model.compile", "model.attn_implementation", "quantization.quant_storage")
-# Each optimizer step trains on micro_batch_size x grad_accum_steps x processes consecutive rows of the sample
-# order: that product must stay, its factors may change (e.g. 2 GPUs x 4 rows -> 1 GPU x 8 rows).
-# Keys that differ between any two invocations and say nothing about the computation.
-IGNORED = ("output_dir", "run_name", "resume", "overwrite", "sweep_id", "cache_dir", "logger.progress_bar")
+# Which config differences a resume refuses, allows (printed and recorded in run_info.json) or ignores is declared
+# once per key, next to it (core/effects.py: a changed model, quantization, LoRA shape, data or seed is refused;
+# lr, steps, kernels, logging are allowed; paths and names are ignored). Each optimizer step trains on
+# micro_batch_size x grad_accum_steps x processes consecutive rows of the sample order: that product must stay, its
+# factors may change (e.g. 2 GPUs x 4 rows -> 1 GPU x 8 rows).
 # How a failed write is named in messages (errno -> words).
 WRITE_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
                 errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
@@ -238,7 +235,7 @@ def find(resume: str, run_dir: Path) -> Path | None:
             why = verify(ckpt)
             if why is None:
                 return ckpt
-            print(f"qlora-lab: warning: skipping checkpoint {ckpt} that {why}")
+            log.warning(f"skipping checkpoint {ckpt} that {why}")
         return None
     path = Path(resume).expanduser()
     if not path.exists():
@@ -267,15 +264,20 @@ def run_dir_of(ckpt: Path) -> Path:
 
 
 def differences(saved: dict[str, Any], current: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(refused, allowed): `key: saved -> current` lines for the keys that differ."""
+    """(refused, allowed): `key: saved -> current` lines for the keys that differ, each judged by what it is declared
+    to affect (a key neither config's schema knows is refused: nothing says it is harmless)."""
     a, b = flatten(saved), flatten(current)
+    table = {**key_table(saved), **key_table(current)}
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
-        if key.startswith(IGNORED) or a.get(key) == b.get(key):
+        if a.get(key) == b.get(key):
+            continue
+        d = declared(table, key)
+        rule = d.resume if d is not None else "refuse"
+        if rule == "ignore":
             continue
         line = f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}"
-        refuse = key.startswith(MUST_MATCH) and not key.startswith(NUMERICS_ONLY)
-        (refused if refuse else allowed).append(line)
+        (refused if rule == "refuse" else allowed).append(line)
     return refused, allowed
 
 

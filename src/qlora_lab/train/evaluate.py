@@ -50,7 +50,7 @@ class Evaluator:
         self.cfg, self.eval_set, self.tokenizer = cfg, eval_set, tokenizer
         self.micro_batch, self.device, self.dist = micro_batch, device, dist
         self.names = list(dict.fromkeys([*cfg.metrics, *task_metrics]))  # eval's, then the task's, once each
-        self.generative = [n for n in self.names if n in METRICS]
+        self.generative = [n for n in self.names if METRICS[n].score is not None]
         chosen = eval_set if cfg.max_rows == 0 else eval_set[:cfg.max_rows]
         self.prompts = prompts_of(rows, [e.row for e in chosen], tokenizer, system_prompt) if self.generative else []
         self.seconds = 0.0  # spent evaluating so far (part of the training span of a run's time)

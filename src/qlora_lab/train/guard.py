@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,8 @@ from qlora_lab.core.schema import GuardConfig
 from qlora_lab.sinks.logger import MetricLogger
 from qlora_lab.train.state import TrainState, finite_or_none
 from qlora_lab.train.step import StepResult
+
+log = logging.getLogger(__name__)
 
 
 def nonfinite_report(model, step: int, rows: list[int], loss: float, grad_norm: float, last_finite_loss: float | None,
@@ -58,8 +60,8 @@ class NonFiniteGuard:
                          "guard/action": "skip" if will_skip else "stop", "guard/report": str(path)}, step)
         if will_skip:
             state.skipped += 1
-            print(f"qlora-lab: warning: non-finite loss {loss} / grad norm {grad_norm} at step {step}: update "
-                  f"skipped ({state.skipped}/{self.cfg.max_skips}); diagnostic {path}", file=sys.stderr)
+            log.warning(f"non-finite loss {loss} / grad norm {grad_norm} at step {step}: update skipped "
+                        f"({state.skipped}/{self.cfg.max_skips}); diagnostic {path}")
             return
         gave_up = f" after {state.skipped} skipped steps (guard.max_skips)" if self.cfg.nonfinite == "skip" else ""
         raise NonFiniteLossError(

@@ -8,7 +8,15 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from qlora_lab.core.goals import better, goal
+from qlora_lab.evaluation.metrics import better, goal
+
+
+def sink_ids_of(trainer: dict[str, Any]) -> dict[str, str]:
+    """Each sink's run id from a checkpoint's trainer state (checkpoints before sinks were plug-ins kept W&B's alone,
+    as `wandb_id`)."""
+    if "sink_ids" in trainer:
+        return dict(trainer["sink_ids"])
+    return {"wandb": trainer["wandb_id"]} if trainer.get("wandb_id") else {}
 
 
 def finite_or_none(x: float) -> float | None:
@@ -27,7 +35,7 @@ class TrainState:
     peak_gib: float = 0.0  # the largest per-step peak so far
     skipped: int = 0  # steps whose update the NaN guard dropped
     last_finite_loss: float | None = None
-    wandb_id: str | None = None  # so that a resumed run continues the same W&B run
+    sink_ids: dict[str, str] = field(default_factory=dict)  # each sink's run id: a resume continues each run
 
     def to_checkpoint(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "step"}
@@ -35,7 +43,9 @@ class TrainState:
     @classmethod
     def from_checkpoint(cls, saved: dict[str, Any]) -> "TrainState":
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(step=saved["step"], **{k: v for k, v in saved["trainer"].items() if k in known})
+        trainer = {k: v for k, v in saved["trainer"].items() if k in known}
+        trainer["sink_ids"] = sink_ids_of(saved["trainer"])
+        return cls(step=saved["step"], **trainer)
 
     def record(self, loss: float, tokens: int, seconds: float, peak_gib: float) -> None:
         self.step += 1

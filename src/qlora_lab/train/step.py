@@ -19,6 +19,8 @@ from qlora_lab.core.dist import Dist
 from qlora_lab.data.batching import Collator, share
 from qlora_lab.data.tokenize import IGNORE_INDEX
 from qlora_lab.memory.readings import PhaseReadings
+from qlora_lab.model.dropout import MicroBatch
+from qlora_lab.model.grouped import Routing, head_loss, stack_inputs
 
 # What the model's forward takes from a batch (the rest, e.g. `row` and `real_tokens`, is bookkeeping).
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k",
@@ -66,24 +68,28 @@ class StepResult:
 
 
 def forward_backward(engine, params: list[torch.nn.Parameter], window: list[list], collator: Collator, device: str,
-                     dist: Dist = Dist(), phases: PhaseReadings | None = None) -> StepResult:
+                     dist: Dist = Dist(), phases: PhaseReadings | None = None, micro: MicroBatch | None = None,
+                     first_micro: int = 0) -> StepResult:
     """Gradients of one optimizer step's window: its global micro-batches (lists of items), of which this process
     collates and trains on its share.
 
-    `phases` (the first step only) reads memory after the first forward and the first backward.
+    `phases` (the first step only) reads memory after the first forward and the first backward. `micro` is told the
+    global index of each micro-batch (`first_micro` + its place in the window): the key of the LoRA dropout masks.
     """
     num_items = max(sum(collator.labels(items) for items in window), 1)
     loss_sum, tokens, capacity = 0.0, 0, 0
-    for micro, items in enumerate(window):
+    for micro_i, items in enumerate(window):
+        if micro is not None:
+            micro.set(first_micro + micro_i)
         mine = share(items, dist)
         batch = collator(mine) if mine else collator.stand_in(items)
         loss = forward_loss(engine, batch, device, num_items)
-        if phases is not None and micro == 0:
+        if phases is not None and micro_i == 0:
             phases.read("first_forward")
         # DDP and FSDP average gradients over processes; the loss is this process's share of the global
         # window's mean, so scaling by N makes the averaged gradient the global one.
         (loss * dist.world if dist.world > 1 else loss).backward()
-        if phases is not None and micro == 0:
+        if phases is not None and micro_i == 0:
             phases.read("first_backward")
         loss_sum += float(loss.detach())
         tokens += count_tokens(batch)
@@ -95,3 +101,50 @@ def forward_backward(engine, params: list[torch.nn.Parameter], window: list[list
     if hasattr(norm, "full_tensor"):  # FSDP: a norm over this process's gradient shards, made whole
         norm = norm.full_tensor()
     return StepResult(loss_sum, int(tokens), int(capacity), float(norm), norm)
+
+
+def job_loss(causal_lm, run_name: str, hidden: torch.Tensor, labels: torch.Tensor, num_items: int,
+             kernels: str) -> torch.Tensor:
+    """A fused group's job's loss (the job named `run_name`), from its rows' last hidden states: the seam tests patch
+    to fail one job of a group (tests/faults)."""
+    return head_loss(causal_lm, hidden, labels, num_items, kernels)
+
+
+def group_forward_backward(model, jobs: list[tuple[str, str, list[torch.nn.Parameter]]], routing: Routing,
+                           window: list[list], collator: Collator, device: str, *, kernels: str,
+                           micro: MicroBatch | None = None, first_micro: int = 0,
+                           phases: PhaseReadings | None = None) -> dict[str, StepResult]:
+    """One optimizer step's gradients for every job of a fused group: each micro-batch once through the decoder for
+    all of them (their copies stacked, model/grouped.py), each job's loss from its own rows, one backward of their
+    sum (a job's loss reaches its own adapter only). `jobs`: (adapter name, run name, its parameters) each. Returns
+    each job's StepResult by adapter name, as `forward_backward` would return it for that job alone."""
+    names = [name for name, _, _ in jobs]
+    routing.jobs[:] = names
+    causal_lm = model.get_base_model()
+    decoder = causal_lm.get_decoder()
+    num_items = max(sum(collator.labels(items) for items in window), 1)
+    sums = torch.zeros(len(names), dtype=torch.float64)
+    tokens, capacity = 0, 0
+    for micro_i, items in enumerate(window):
+        if micro is not None:
+            micro.set(first_micro + micro_i)
+        batch = collator(items)
+        inputs = model_inputs(batch, device)
+        labels = inputs.pop("labels")
+        hidden = decoder(**stack_inputs(inputs, len(names))).last_hidden_state
+        if phases is not None and micro_i == 0:
+            phases.read("first_forward")
+        losses = [job_loss(causal_lm, run_name, h, labels, num_items, kernels)
+                  for (_, run_name, _), h in zip(jobs, hidden.chunk(len(names)))]
+        total = torch.stack(losses)
+        total.sum().backward()
+        if phases is not None and micro_i == 0:
+            phases.read("first_backward")
+        sums += total.detach().double().cpu()
+        tokens += count_tokens(batch)
+        capacity += batch["input_ids"].numel()
+    out = {}
+    for (name, _, params), loss in zip(jobs, sums.tolist()):
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        out[name] = StepResult(loss, tokens, capacity, float(norm), norm)
+    return out

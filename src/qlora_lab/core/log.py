@@ -1,0 +1,41 @@
+"""What a run says as it goes: the `qlora_lab` logger, printed as `qlora-lab: <message>`.
+
+Everything the package tells the user goes through `logging` (one logger per module, under `qlora_lab`), so a
+program that uses the package as a library silences it with `logging.getLogger("qlora_lab").setLevel("WARNING")`
+or sends it elsewhere with its own handler. Out of the box (the console handler installed when the package is
+imported) INFO goes to stdout and warnings to stderr, each line as train.py has always printed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+PREFIX = "qlora-lab: "
+
+
+class Console(logging.Handler):
+    """INFO to stdout, WARNING and above to stderr (`qlora-lab: warning: ...`), each looked up when a line is
+    written, so a redirected or captured stream (pytest's capsys, a tqdm bar's writer) gets it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            if record.levelno >= logging.WARNING:
+                stream, msg = sys.stderr, f"{PREFIX}warning: {msg}" if record.levelno == logging.WARNING else PREFIX + msg
+            else:
+                stream, msg = sys.stdout, PREFIX + msg
+            stream.write(msg + "\n")
+            stream.flush()
+        except Exception:  # a closed stream at exit must not raise from logging
+            self.handleError(record)
+
+
+def install() -> None:
+    """The console handler on the package's logger (once); the logger does not propagate to the root logger, which
+    Hydra formats and writes into its own log file."""
+    root = logging.getLogger("qlora_lab")
+    if not any(isinstance(h, Console) for h in root.handlers):
+        root.addHandler(Console())
+        root.setLevel(logging.INFO)
+        root.propagate = False
