@@ -78,7 +78,7 @@ def _main(args: argparse.Namespace) -> int:
     if problems:
         raise ExportError(problems)
     path = merge.base_path(rec, base)
-    tokenizer = merge.run_tokenizer(rec, path)
+    tokenizer = merge.run_tokenizer(rec)
     prompts = verify.eval_prompts(rec, tokenizer)  # the data, before any weights load
     _announce(rec, base, dtype)
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def _check_only(rec: RunRecord, out: Path) -> int:
         return EXIT_CHECK_FAILED
     base = Base(**made["base"])
     path = merge.base_path(rec, base)
-    tokenizer = merge.run_tokenizer(rec, path)
+    tokenizer = merge.run_tokenizer(rec)
     prompts = verify.eval_prompts(rec, tokenizer)
     _announce(rec, base, made["dtype"])
     refs = _references(rec, base, path, tokenizer, prompts)

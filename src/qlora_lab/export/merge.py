@@ -39,9 +39,11 @@ def base_path(rec: RunRecord, base: Base) -> str:
     return resolve_model_path(m, rec.cfg.cache_dir, rec.cfg.seed, "cpu")
 
 
-def run_tokenizer(rec: RunRecord, path: str):
-    """The tokenizer the run trained with (pad token and chat template included), as the run loaded it."""
-    return load_tokenizer(path, rec.cfg.model)
+def run_tokenizer(rec: RunRecord):
+    """The tokenizer the run trained with (pad token and chat template included), loaded as the run loaded it; from
+    the copy the run saved with its adapter when its base dir is gone (whatever base the merge goes into)."""
+    path = rec.info.get("model_path")
+    return load_tokenizer(path if path and Path(path).is_dir() else str(rec.adapter_dir), rec.cfg.model)
 
 
 def cpu_spec(rec: RunRecord) -> RunSpec:
