@@ -9,17 +9,18 @@ What is compared (every model computed in fp32 on the CPU, prompts rendered and 
   says which differing generations are ties within rounding and which are not.
 
 The gate ("merge" check) compares the export with the unmerged model it was merged from (the same base weights +
-the adapter, PEFT). Its tolerance is the rounding of the export dtype, measured on SmolLM2-135M (64 eval rows of the
-string tasks, nf4 run, fp32 CPU): the merged weights stored in float32 moved the logits by at most 1.0e-4, in float16
-by 0.039, in bfloat16 by 1.19 (bf16 keeps 8 bits of mantissa, so a LoRA delta smaller than half a bf16 step of its
-weight is rounded away); a broken merge is far off: the adapter left out moved them by 19.5, the merged weights
-re-quantized to nf4 by 15. TOLERANCE sits between, a few times above the rounding measured.
+the adapter, PEFT). Its tolerance is the rounding of the export dtype, measured on SmolLM2-135M (an nf4 run, 64 of
+its eval rows, fp32 on the CPU: bench/results/2026-12-06_cpu_export_tolerance.md): the merged weights stored in
+float32 moved the logits by at most 1.2e-4, in float16 by 0.039, in bfloat16 by 1.19 (bf16 keeps 8 bits of mantissa,
+so a LoRA delta smaller than half a bf16 step of its weight is rounded away; 1 of 64 generations parted at a tie).
+A broken merge is far off: the adapter left out moved them by 22.5, the merged weights re-quantized to nf4 by 15.
+TOLERANCE sits between, several times above the rounding measured.
 
 "As trained" compares the export with what the run trained and evaluated: the base as it was quantized + the adapter.
 Merged into the original 16-bit weights of a 4-bit run, the export is not that model (it differs by the 4-bit
-rounding of the base: on that SmolLM2 run, 34 of 64 generations agreed, max |logit difference| 12.4): reported,
-not gated. Merged into the dequantized 4-bit base, or for a run that trained on an unquantized base, it is that
-model, and the same tolerance gates it.
+rounding of the base: on that run 34 of 64 generations agreed, max |logit difference| 12.4): reported, not gated.
+Merged into the dequantized 4-bit base (1.1e-4 in float32), or for a run that trained on an unquantized base, it is
+that model, and the same tolerance gates it.
 """
 
 from __future__ import annotations
