@@ -63,6 +63,7 @@ def test_smollm2_merged_export_reproduces_base_plus_adapter(smollm2, capsys):
             "generation_config.json"} <= {p.name for p in out.iterdir()}
     card = (out / "README.md").read_text()
     assert "eval_exact_match" in card and '"quantization"' in card and "git commit" in card and "vllm serve" in card
+    assert f'from_pretrained("{out}")' in card  # where it landed, not the temporary dir it was written in
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -213,7 +214,9 @@ def test_a_failed_write_leaves_nothing(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         export(tiny_run, "--out", tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
-    assert run_files(tiny_run) == before
+    with pytest.raises(OSError):  # the default target: not even an empty export/ stays in the run dir
+        export(tiny_run)
+    assert not (tiny_run / "export").exists() and run_files(tiny_run) == before
 
 
 def test_a_wrong_merge_fails_the_check_and_is_not_placed(tiny_run, tmp_path, monkeypatch, capsys):

@@ -39,14 +39,15 @@ def base_sentence(rec: RunRecord, base: Base) -> str:
     return f"the **original 16-bit weights** it trained on ({base.path}: {base.why})."
 
 
-def write_card(out: Path, rec: RunRecord, base: Base, fmt: str, dtype: str, file: str | None,
+def write_card(out: Path, target: Path, rec: RunRecord, base: Base, fmt: str, dtype: str, file: str | None,
                check_lines: list[str], serve_line: str) -> None:
+    """README.md into `out` (the dir being written) for the export that lands at `target`."""
     cfg = rec.cfg
     metrics = {k.split("/", 1)[1]: v for k, v in rec.summary.items()
                if k.startswith("summary/") and (k.startswith("summary/eval_") or k in (
                    "summary/final_loss", "summary/steps", "summary/status", "summary/trainable_params"))}
-    load = (f'AutoModelForCausalLM.from_pretrained("{out.name}", gguf_file="{file}")' if fmt == "gguf" else
-            f'AutoModelForCausalLM.from_pretrained("{out.name}")')
+    load = (f'AutoModelForCausalLM.from_pretrained("{target}", gguf_file="{file}")' if fmt == "gguf" else
+            f'AutoModelForCausalLM.from_pretrained("{target}")')
     info = rec.info
     lines = [
         "---", "library_name: transformers", f"base_model: {cfg.model.path or cfg.model.name}",
@@ -55,7 +56,7 @@ def write_card(out: Path, rec: RunRecord, base: Base, fmt: str, dtype: str, file
         f"A LoRA adapter trained by qlora-lab ({cfg.model.name}, quantization={cfg.quantization.name}, "
         f"r={cfg.lora.r}, alpha={cfg.lora.alpha:g}) merged into " + base_sentence(rec, base), "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        f"model = {load}", f"tokenizer = AutoTokenizer.from_pretrained(\"{out.name}\""
+        f"model = {load}", f"tokenizer = AutoTokenizer.from_pretrained(\"{target}\""
         + (f", gguf_file=\"{file}\")" if fmt == "gguf" else ")"), "```", "",
         "## Check (greedy generations and logits on the run's held-out rows, fp32 on the CPU)", "",
         *[f"- {line}" for line in check_lines], "",

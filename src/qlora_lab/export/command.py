@@ -59,6 +59,9 @@ def main(args: argparse.Namespace) -> int:
     except ExportError as e:
         say(str(e), err=True)
         return EXIT_REFUSED
+    except gguf.ConversionError as e:  # an architecture or tokenizer llama.cpp does not know: nothing was placed
+        say(f"{e}\nnothing was written; the merged checkpoint (--to merged) does not need the converter", err=True)
+        return 1
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -91,8 +94,8 @@ def _main(args: argparse.Namespace) -> int:
             check["sizes"] = sizes
             check["seconds"] = round(time.perf_counter() - start, 1)
             serve_line = serve.vllm_command(str(rec.info.get("model_path")), rec.adapter_dir.resolve(),
-                                            rec.run_dir.name, rec.cfg.lora.r)
-            card.write_card(tmp, rec, base, args.to, dtype, file, lines, serve_line)
+                                            rec.cfg.model.name, rec.cfg.lora.r)
+            card.write_card(tmp, out, rec, base, args.to, dtype, file, lines, serve_line)
             card.write_manifest(tmp, card.manifest(rec, base, args.to, dtype, file, adapter_digest(rec.adapter_dir),
                                                    check))
             if not ok:
@@ -136,12 +139,16 @@ def _stored_dtype(config) -> str:
 
 
 def _announce(rec: RunRecord, base: Base, dtype: str) -> None:
-    say(f"{rec.run_dir}: merging into " + card.base_sentence(rec, base).replace("**", "") + f" Written as {dtype}.")
+    q = rec.cfg.quantization.name
+    into = f"the dequantized {q} base" if base.dequantized else "the original 16-bit weights"
+    say(f"{rec.run_dir}: merging its adapter into {into} of {base.path} ({base.why}); written as {dtype}")
     if base.dequantized:
-        say(f"warning: merged into a dequantized {rec.cfg.quantization.name} base: the export is what the run "
-            f"trained, but its weights carry the {rec.cfg.quantization.name} rounding of the base; give the "
-            "original 16-bit weights (--base PATH, or --merge-into original) for a merge into the unrounded base",
-            err=True)
+        say(f"warning: merged into a dequantized {q} base: the export is what the run trained, but its weights carry "
+            f"the {q} rounding of the base (and quantizing it again rounds them twice); give the original 16-bit "
+            "weights (--base PATH, or --merge-into original) for a merge into the unrounded base", err=True)
+    elif rec.quantized:
+        say(f"note: the run trained its adapter on the {q}-quantized base, so this merge is not exactly the model it "
+            "evaluated: the check says by how much (--merge-into dequantized exports exactly that model)")
 
 
 def _references(rec: RunRecord, base: Base, path: str, tokenizer, prompts) -> dict:
@@ -210,11 +217,12 @@ def _check(rec: RunRecord, base: Base, out: Path, fmt: str, file: str | None, dt
     lines = [f"{len(prompts)} held-out rows of the run, greedy, {rec.cfg.eval.max_new_tokens} new tokens, fp32 on "
              f"the CPU; export loaded from {fmt} ({dtype})"]
     lines += [f"export vs {a.against}: {a.line()}" for a in results.values()]
-    if not same:
-        lines.append(f"(the as-trained comparison is not gated: the export's base is the 16-bit original, which "
-                     f"differs from the {q} base the adapter was trained on by {q}'s rounding)")
+    recorded = {k: rec.summary[f"summary/eval_{k}"] for k in scores["as trained"]
+                if isinstance(rec.summary.get(f"summary/eval_{k}"), float)}
     lines.append("task metrics on these rows: " + "; ".join(
-        f"{who} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) for who, s in scores.items()))
+        f"{who} " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()) for who, s in scores.items())
+        + (" (the run's own last eval: " + ", ".join(f"{k} {v:.3f}" for k, v in recorded.items()) + ")"
+           if recorded else ""))
     lines.append("tokenizer: " + ("same ids on every prompt, same chat template" if not problems else
                                   "; ".join(problems)))
     ok = all(a.ok for a in results.values()) and not problems

@@ -18,6 +18,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+class ConversionError(RuntimeError):
+    """The converter refused the checkpoint; the message carries its last lines."""
+
+
 CONVERTER_DIR = Path(sys.prefix) / "gguf-converter"  # .venv/gguf-converter (Makefile: setup)
 OUTTYPES = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 
@@ -36,7 +40,7 @@ def gguf_name(dtype: str) -> str:
 
 def convert(checkpoint: Path, out_file: Path, dtype: str) -> str:
     """Convert the checkpoint dir into `out_file` with no requantization (outtype = the export dtype); returns the
-    converter's last lines. Raises RuntimeError with its output when it fails (e.g. an architecture or tokenizer it
+    converter's last lines. Raises ConversionError with its output when it fails (e.g. an architecture or tokenizer it
     does not know)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CONVERTER_DIR), *filter(None, [os.environ.get(
         "PYTHONPATH")])]), "NO_LOCAL_GGUF": "1"}
@@ -45,5 +49,5 @@ def convert(checkpoint: Path, out_file: Path, dtype: str) -> str:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True)
     tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-12:])
     if res.returncode != 0 or not out_file.is_file():
-        raise RuntimeError(f"llama.cpp's convert_hf_to_gguf failed (exit {res.returncode}):\n{tail}")
+        raise ConversionError(f"llama.cpp's convert_hf_to_gguf failed (exit {res.returncode}):\n{tail}")
     return tail

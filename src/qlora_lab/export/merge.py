@@ -115,6 +115,7 @@ def placed(target: Path, overwrite: bool) -> Iterator[Path]:
     """A temporary dir beside `target` to write the export into, renamed to `target` when the block ends without an
     error (an earlier export there is replaced only with `overwrite`, and only then). On any error, and on Ctrl-C,
     the temporary dir is removed and `target` is as it was: an export is never half-written."""
+    made_parent = not target.parent.exists()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-writing-", dir=target.parent))
     umask = os.umask(0)
@@ -138,6 +139,8 @@ def placed(target: Path, overwrite: bool) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if made_parent and not any(target.parent.iterdir()):  # a failed first export leaves no empty export/
+            target.parent.rmdir()
 
 
 def dir_size(path: Path) -> int:

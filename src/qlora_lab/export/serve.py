@@ -11,6 +11,7 @@ was trained.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from qlora_lab.export.inputs import ADAPTER_WEIGHTS, adapter_shapes
@@ -41,5 +42,7 @@ def vllm_problems(adapter_dir: Path) -> list[str]:
 
 
 def vllm_command(base: str, adapter_dir: Path, name: str, rank: int) -> str:
+    """`name` becomes the model name clients ask for; vLLM splits `--lora-modules` on `=`, so it is kept plain."""
+    name = re.sub(r"[^\w.-]+", "-", f"{name}-lora").strip("-")
     extra = f" --max-lora-rank {rank}" if rank > VLLM_DEFAULT_MAX_RANK else ""
     return f"vllm serve {base} --enable-lora --lora-modules {name}={adapter_dir}{extra}"
