@@ -14,11 +14,13 @@ MANIFEST = "export.json"
 CARD = "README.md"
 
 
-def manifest(rec: RunRecord, base: Base, fmt: str, dtype: str, file: str | None, digest: str,
+def manifest(rec: RunRecord, base: Base, args, dtype: str, file: str | None, digest: str,
              check: dict[str, Any]) -> dict[str, Any]:
-    return {"format": fmt, "file": file, "dtype": dtype, "run_dir": str(rec.run_dir.resolve()),
-            "adapter_sha256": digest, "base": {"path": base.path, "dequantized": base.dequantized, "why": base.why,
-                                               "prequantized": base.prequantized},
+    """What --check-only needs to redo the check (the base is chosen again from base_arg and merge_into)."""
+    return {"format": args.to, "file": file, "dtype": dtype, "run_dir": str(rec.run_dir.resolve()),
+            "adapter_sha256": digest, "base_arg": args.base, "merge_into": args.merge_into,
+            "base": {"path": base.path, "dequantized": base.dequantized, "why": base.why,
+                     "prequantized": base.prequantized},
             "quantization": rec.cfg.quantization.name, "check": check,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 

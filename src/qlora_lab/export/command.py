@@ -18,6 +18,7 @@ import gc
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -88,7 +89,9 @@ def _main(args: argparse.Namespace) -> int:
     refs = _references(rec, base, path, tokenizer, prompts)
     try:
         with merge.placed(out, args.overwrite) as tmp:
-            file = _write(refs.pop("unmerged"), tokenizer, tmp, args.to, dtype)
+            unmerged, refs.unmerged = refs.unmerged, None  # the merge consumes it; freed once written
+            file = _write(unmerged, tokenizer, tmp, args.to, dtype)
+            del unmerged
             ok, lines, check = _check(rec, base, tmp, args.to, file, dtype, tokenizer, prompts, refs)
             sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
             check["sizes"] = sizes
@@ -96,7 +99,7 @@ def _main(args: argparse.Namespace) -> int:
             serve_line = serve.vllm_command(str(rec.info.get("model_path")), rec.adapter_dir.resolve(),
                                             rec.cfg.model.name, rec.cfg.lora.r)
             card.write_card(tmp, out, rec, base, args.to, dtype, file, lines, serve_line)
-            card.write_manifest(tmp, card.manifest(rec, base, args.to, dtype, file, adapter_digest(rec.adapter_dir),
+            card.write_manifest(tmp, card.manifest(rec, base, args, dtype, file, adapter_digest(rec.adapter_dir),
                                                    check))
             if not ok:
                 raise CheckFailed
@@ -121,13 +124,13 @@ def _check_only(rec: RunRecord, out: Path) -> int:
         say(f"{out} was made from another adapter than the run's current one (was it resumed or retrained after "
             f"the export?); export again with --overwrite", err=True)
         return EXIT_CHECK_FAILED
-    base = Base(**made["base"])
+    base, _ = choose_base(rec, made["base_arg"], made["merge_into"])  # checked again: it may have moved since
     path = merge.base_path(rec, base)
     tokenizer = merge.run_tokenizer(rec)
     prompts = verify.eval_prompts(rec, tokenizer)
     _announce(rec, base, made["dtype"])
     refs = _references(rec, base, path, tokenizer, prompts)
-    del refs["unmerged"]
+    refs.unmerged = None
     ok, _, _ = _check(rec, base, out, made["format"], made["file"], made["dtype"], tokenizer, prompts, refs)
     return 0 if ok else EXIT_CHECK_FAILED
 
@@ -151,21 +154,34 @@ def _announce(rec: RunRecord, base: Base, dtype: str) -> None:
             "evaluated: the check says by how much (--merge-into dequantized exports exactly that model)")
 
 
-def _references(rec: RunRecord, base: Base, path: str, tokenizer, prompts) -> dict:
-    """The models the export is checked against, probed on the prompts, and the unmerged model to merge:
-    {"merge": probe of merge base + adapter, "trained": probe of the run as trained (the same probe when they are
-    the same model), "unmerged": the PEFT model to merge}. Loaded one after the other, each freed when probed."""
+@dataclass
+class References:
+    """What the export is checked against, probed on the prompts, and the unmerged model it is merged from."""
+
+    merge: verify.Probe  # the merge base + the adapter, unmerged: the gate
+    trained: verify.Probe  # the run as trained (the same probe when it is the same model)
+    unmerged: torch.nn.Module | None
+    prompt_ids: list[list[int]]
+
+    @property
+    def same(self) -> bool:
+        return self.trained is self.merge
+
+
+def _references(rec: RunRecord, base: Base, path: str, tokenizer, prompts) -> References:
+    """The reference models, loaded one after the other (each freed once probed but the one to merge): the run as
+    trained when its base was quantized, then the merge base + adapter. Merged into the dequantized base, the two
+    are one model (the dequantized weights are what the 4-bit matmuls multiply by: measured max |logit difference| 0)."""
     pids = verify.prompt_ids(tokenizer, prompts)
     trained = merge.as_trained(rec, path, tokenizer) if rec.quantized else None
     t_probe = verify.probe("as trained", trained, tokenizer, prompts, rec, {}) if trained is not None else None
-    if base.dequantized and trained is not None:  # W_q + adapter: the as-trained model itself
-        unmerged = merge.with_adapter(merge.dequantized_from(trained), rec)
-        return {"merge": t_probe, "trained": t_probe, "unmerged": unmerged, "paths": pids}
+    if base.dequantized and trained is not None:
+        return References(t_probe, t_probe, merge.with_adapter(merge.dequantized_from(trained), rec), pids)
     del trained
     gc.collect()
     unmerged = merge.with_adapter(merge.original(path, rec.cfg.model.trust_remote_code), rec)
     m_probe = verify.probe("base + adapter", unmerged, tokenizer, prompts, rec, {})
-    return {"merge": m_probe, "trained": t_probe or m_probe, "unmerged": unmerged, "paths": pids}
+    return References(m_probe, t_probe or m_probe, unmerged, pids)
 
 
 def _write(unmerged, tokenizer, tmp: Path, fmt: str, dtype: str) -> str | None:
@@ -193,14 +209,13 @@ def _load_export(out: Path, fmt: str, file: str | None):
 
 
 def _check(rec: RunRecord, base: Base, out: Path, fmt: str, file: str | None, dtype: str, tokenizer, prompts,
-           refs: dict) -> tuple[bool, list[str], dict]:
+           refs: References) -> tuple[bool, list[str], dict]:
     """Load the export as a user would and compare it with the references; prints and returns the verdict."""
     model, exported_tokenizer = _load_export(out, fmt, file)
-    pids = refs["paths"]
-    same = refs["trained"] is refs["merge"]
-    along = {"merge": refs["merge"].paths(pids)}
+    same = refs.same
+    along = {"merge": refs.merge.paths(refs.prompt_ids)}
     if not same:
-        along["trained"] = refs["trained"].paths(pids)
+        along["trained"] = refs.trained.paths(refs.prompt_ids)
     e = verify.probe("export", model, tokenizer, prompts, rec, along)
     del model
     gc.collect()
@@ -208,12 +223,12 @@ def _check(rec: RunRecord, base: Base, out: Path, fmt: str, file: str | None, dt
     q = rec.cfg.quantization.name
     what = "dequantized base + adapter = the run as trained" if base.dequantized and rec.quantized else \
         "16-bit base + adapter (= the run as trained)" if same else "16-bit base + adapter (unmerged)"
-    results = {"merge": verify.agreement(e, refs["merge"], "merge", what, tol)}
+    results = {"merge": verify.agreement(e, refs.merge, "merge", what, tol)}
     if not same:
-        results["trained"] = verify.agreement(e, refs["trained"], "trained", f"{q} base + adapter as trained", None)
+        results["trained"] = verify.agreement(e, refs.trained, "trained", f"{q} base + adapter as trained", None)
     problems = verify.tokenizer_problems(exported_tokenizer, tokenizer, prompts)
-    scores = {"as trained": verify.task_scores(refs["trained"], prompts, rec), "export": verify.task_scores(e, prompts,
-                                                                                                            rec)}
+    scores = {"as trained": verify.task_scores(refs.trained, prompts, rec),
+              "export": verify.task_scores(e, prompts, rec)}
     lines = [f"{len(prompts)} held-out rows of the run, greedy, {rec.cfg.eval.max_new_tokens} new tokens, fp32 on "
              f"the CPU; export loaded from {fmt} ({dtype})"]
     lines += [f"export vs {a.against}: {a.line()}" for a in results.values()]

@@ -266,6 +266,9 @@ def choose_base(rec: RunRecord, base_arg: str | None, merge_into: str) -> tuple[
     path = rec.info.get("model_path") if from_run else str(Path(base_arg).expanduser())
     m = rec.cfg.model
     if from_run and not Path(path).exists() and (m.build or m.gguf):
+        if m.build and rec.cfg.device == "cuda" and not _cuda():  # a CUDA build draws other random weights
+            raise ExportError([f"the run's random-init base {path} is gone and was built on CUDA; export on a CUDA "
+                               "machine (it is re-made there as the run made it), or restore the cache dir"])
         why = "re-made into the cache as the run made it (model.build / model.gguf)"
     elif from_run and not Path(path).exists() and (path.startswith(("/", ".", "~")) or path.count("/") != 1):
         raise ExportError([f"the run's base {path} no longer exists; give the original 16-bit checkpoint with "
@@ -295,6 +298,12 @@ def choose_base(rec: RunRecord, base_arg: str | None, merge_into: str) -> tuple[
         if from_run and rec.quantized:
             why = f"{why}, reloaded unquantized from its 16-bit source"
     return Base(path, kind, why, pre), config
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _recorded_config(rec: RunRecord):

@@ -36,7 +36,7 @@ def base_path(rec: RunRecord, base: Base) -> str:
     if Path(base.path).exists() or not (rec.cfg.model.build or rec.cfg.model.gguf):
         return base.path
     m = rec.cfg.model
-    return resolve_model_path(m, rec.cfg.cache_dir, rec.cfg.seed, "cpu")
+    return resolve_model_path(m, rec.cfg.cache_dir, rec.cfg.seed, str(rec.cfg.device))  # a build is per device
 
 
 def run_tokenizer(rec: RunRecord):
