@@ -32,9 +32,11 @@ def read_manifest(export_dir: Path) -> dict[str, Any]:
 def base_sentence(rec: RunRecord, base: Base) -> str:
     q = rec.cfg.quantization.name
     if base.dequantized:
+        what = "the model the run trained and evaluated" if rec.cfg.quantization.bits == 4 else \
+            "the nearest weights to the model the run trained (LLM.int8 also rounded its activations)"
         return (f"the **dequantized {q} base** ({base.path}: {base.why}). Its weights carry {q}'s rounding, baked "
-                "into 16-bit values: this export is the model the run trained and evaluated, not the original base "
-                "+ adapter, and quantizing it again rounds the merged weights a second time.")
+                f"into 16-bit values: this export is {what}, not the original base + adapter, and quantizing it "
+                "again rounds the merged weights a second time.")
     if rec.quantized:
         return (f"the **original 16-bit weights** ({base.path}: {base.why}). The run trained the adapter on a {q} "
                 "base, so this is not exactly the model it evaluated: the check below says by how much.")
