@@ -52,7 +52,8 @@ def test_more_memory_never_yields_a_slower_plan(phi4):
         speeds.append(p.chosen.tokens_per_s)
     assert speeds == sorted(speeds), speeds
     small, large = (frontier.plan_layers(cfg, arch, b, "H100", host_gib=HOST).chosen for b in (8, 80))
-    assert "offload" in small.layers and large.layers == "keep:32" and large.micro_batch > small.micro_batch
+    assert "offload" in small.layers and large.layers == "keep:32" and large.tokens_per_s > small.tokens_per_s
+    assert large.micro_batch >= small.micro_batch
 
 
 def test_a_budget_below_the_minimum_is_refused_naming_it(phi4):

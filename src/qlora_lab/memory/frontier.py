@@ -10,8 +10,13 @@ runs out of memory on its proving step falls back to the next one that needs les
 The speed model is from FLOP counts, not a calibration run: a step costs, per decoder layer and pass, a fixed
 overhead (kernel launches and syncs, which bound small models) plus its FLOPs at the card's reachable matmul rate;
 a kept layer runs forward and backward, a recomputed one its forward once more, an offloaded one also waits for
-what its copies do not overlap. The constants (`CARDS`) were fitted to the H100/H200 measurements in bench/results
-(speed, frontier); they rank plans, and each plan's real tokens/s is measured when it runs.
+what its copies do not overlap. The constants (`CARDS`) are fitted to two measured H100 steps (compiled layers,
+every layer recomputed, micro-batch 4 x 2048, bench/results/2026-11-24_h100_speed_compiled.md): Phi-4-mini 17,405
+and Llama-3-8B 10,267 tokens/s, which they reproduce exactly. They rank plans; they are not a promise: the 0.5B shape
+(every layer kept, 2026-12-06_h100_sweep_speed.md) measured 0.195 s a step where they predict 0.093 s, since a small
+model's step is bound by what the model leaves out (the loss over a 152k vocabulary, the optimizer, LoRA dropout).
+The H200 measured within 2% of the H100 on the same Phi-4-mini step (2026-12-01_h200_sft_packing.md), so it shares
+them. Each plan's real tokens/s is measured when it runs.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ class Card:
 
 
 CARDS = {
-    "H100": Card("H100", tflops=330.0, overhead_s=1.6e-4, host_gbps=22.0),
-    "H200": Card("H200", tflops=350.0, overhead_s=1.6e-4, host_gbps=22.0),
+    "H100": Card("H100", tflops=580.0, overhead_s=1.24e-3, host_gbps=22.0),
+    "H200": Card("H200", tflops=580.0, overhead_s=1.24e-3, host_gbps=22.0),
 }
 DEFAULT_CARD = CARDS["H100"]
 HOST_SHARE = 0.7  # of the host RAM available at planning time, what offloaded layer inputs may take
