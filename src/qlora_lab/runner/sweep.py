@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.configs import typed
 from qlora_lab.core.errors import Status
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
+from qlora_lab.core.scrub import restore, scrub, split_secrets
 from qlora_lab.model.source import model_config
 from qlora_lab.runner import fuse
 from qlora_lab.runner.run import run
@@ -70,7 +71,29 @@ def job_env(sweep_dir: Path) -> dict[str, str]:
 def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:  # jobs of a parallel launcher append concurrently
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(json.dumps(scrub(record), default=str) + "\n")
+
+
+# A job's config travels to its process in a file (job_config.json, group_<job>.json) with every credential
+# redacted (core/scrub.py); what the redaction replaced travels in this variable of the process's environment,
+# which no record holds, and is put back before the job runs: the job trains on exactly what it was given.
+SECRETS_ENV = "QLAB_JOB_CONFIG_SECRETS"
+
+
+def write_handoff(path: Path, container: dict[str, Any], env: dict[str, str]) -> None:
+    """`container` into `path` for a job's process, its credentials into that process's `env` instead."""
+    clean, secrets = split_secrets(container)
+    path.write_text(json.dumps(clean, default=str))
+    env.pop(SECRETS_ENV, None)
+    if secrets:
+        env[SECRETS_ENV] = json.dumps(secrets)
+
+
+def read_handoff(path: Path) -> dict[str, Any]:
+    """What `write_handoff` wrote, with its credentials back (taken out of this process's environment)."""
+    container = json.loads(path.read_text())
+    secrets = os.environ.pop(SECRETS_ENV, None)
+    return restore(container, json.loads(secrets)) if secrets else container
 
 
 def _take_gpu(lock_dir: Path, gpus: list[int] | None):
@@ -125,7 +148,8 @@ def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.conte
     jobs' environment, so that what the compiler reads at import (its cache settings) is the jobs'."""
     global _warm
     if _warm is None:
-        os.environ.update({**env, **NVML_CHECK})  # the server inherits this process's environment when it starts
+        # the server inherits this process's environment when it starts (a job's credentials are that job's alone)
+        os.environ.update({**{k: v for k, v in env.items() if k != SECRETS_ENV}, **NVML_CHECK})
         _warm = multiprocessing.get_context("forkserver")
         _warm.set_forkserver_preload(preload(cfg))
         # The server imports with no GPU visible: some libraries ask the GPU's properties at import (torchao, which
@@ -168,7 +192,7 @@ class _Job:
 def _child(config_path: Path) -> None:
     """The training process of one job (or of a fused group of jobs): a new process, so nothing of another job's
     memory is in it."""
-    container = json.loads(config_path.read_text())
+    container = read_handoff(config_path)
     if "group" in container:
         _group_child(container)
         return
@@ -226,10 +250,11 @@ def run_group(cfgs: list[DictConfig], overrides: list[list[str]], sweep_dir: Pat
     cfgs = [job_config(c) for c in cfgs]
     group = [{"config": OmegaConf.to_container(c, resolve=True), "overrides": o} for c, o in zip(cfgs, overrides)]
     path = sweep_dir / f"group_{names[0]}.json"
-    path.write_text(json.dumps({"group": group, "sweep_dir": str(sweep_dir)}, default=str))
+    env = job_env(sweep_dir)
+    write_handoff(path, {"group": group, "sweep_dir": str(sweep_dir)}, env)
     t0 = time.perf_counter()
     with start_lock:
-        job = _Job(path, job_env(sweep_dir), cfgs[0] if cfgs[0].sweep.warm_start else None)
+        job = _Job(path, env, cfgs[0] if cfgs[0].sweep.warm_start else None)
     try:
         job.wait()
     except KeyboardInterrupt:
@@ -282,9 +307,10 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
             # interpreter. multiprocessing's explicit forkserver context leaves launchers' own start methods alone.
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
-            config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
+            env = job_env(sweep_dir)
+            write_handoff(config_path, {"config": container, "overrides": overrides}, env)
             with start_lock:  # units side by side (sweep.max_parallel): one fork from the warm process at a time
-                job = _Job(config_path, job_env(sweep_dir), cfg if cfg.sweep.warm_start else None)
+                job = _Job(config_path, env, cfg if cfg.sweep.warm_start else None)
             try:
                 job.wait()
             except KeyboardInterrupt:
