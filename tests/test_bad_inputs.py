@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import ROOT, fake_checkpoint
+from test_trust import TRUST_FAMILIES
 from qlora_lab.core.errors import CheckpointError, ConfigError, DataError
 from qlora_lab.data import rows as data_rows
 from qlora_lab.memory import plan
@@ -307,7 +308,11 @@ def test_model_dir(compose, tmp_path, damage, needle):
 
 # ---- the catalogue and its tests stay in step ----
 
-FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES}
+FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES,
+            **TRUST_FAMILIES}
+# Rows 167-178 are the export command's (another branch); until it is merged here they are missing. Delete this line
+# at that merge.
+AWAITED = range(167, 179)
 
 
 def _test_exists(ref: str) -> bool:
@@ -325,7 +330,10 @@ def test_every_catalogued_case_has_its_test():
     rows = [line for line in table.splitlines() if re.match(r"\|\s*\d+\s*\|", line)]
     refs = [re.findall(r"`(test_[^`]+)`", row) for row in rows]
     assert len(rows) >= 120 and all(refs), "every row names its test"
-    assert [int(r.split("|")[1]) for r in rows] == list(range(1, len(rows) + 1)), "rows are numbered 1, 2, ..."
+    numbers = [int(r.split("|")[1]) for r in rows]
+    awaited = [n for n in AWAITED if n not in numbers]
+    assert numbers == [n for n in range(1, len(rows) + len(awaited) + 1) if n not in awaited], \
+        "rows are numbered 1, 2, ..."
     missing = [r for rr in refs for r in rr if not _test_exists(r)]
     assert not missing, f"docs/bad_inputs.md names tests that do not exist: {missing}"
     listed = {tuple(re.fullmatch(r".*::(\w+)\[([\w-]+)\]", r).groups()) for rr in refs for r in rr if "[" in r}
