@@ -29,7 +29,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.configs import typed
-from qlora_lab.core.errors import Status
+from qlora_lab.core.errors import BadFile, Status
+from qlora_lab.core.files import read_json
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
 from qlora_lab.core.scrub import restore, scrub, split_secrets
 from qlora_lab.model.source import model_config
@@ -91,7 +92,7 @@ def write_handoff(path: Path, container: dict[str, Any], env: dict[str, str]) ->
 
 def read_handoff(path: Path) -> dict[str, Any]:
     """What `write_handoff` wrote, with its credentials back (taken out of this process's environment)."""
-    container = json.loads(path.read_text())
+    container = read_json(path, "it is not a job's config the sweep wrote whole; run the sweep again")
     secrets = os.environ.pop(SECRETS_ENV, None)
     return restore(container, json.loads(secrets)) if secrets else container
 
@@ -234,9 +235,24 @@ def job_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def job_summary(job_dir: Path) -> dict[str, Any]:
+    """What a job's process left in its summary.json, or why there is nothing to read: one job's damaged or missing
+    summary is that job's failure, never the sweep's end."""
+    try:
+        summary = read_summary(job_dir)
+    except BadFile as e:
+        return {"summary/status": str(Status.failed), "summary/reason": str(e)}
+    return summary or {"summary/status": str(Status.failed), "summary/reason": "the job wrote no summary"}
+
+
 def finished_before(cfg: DictConfig, job_name: str) -> dict[str, Any] | None:
-    """sweep.resume: the summary of a job that finished in an earlier run of this sweep (it is skipped), else None."""
-    previous = read_summary(Path(cfg.output_dir))
+    """sweep.resume: the summary of a job that finished in an earlier run of this sweep (it is skipped), else None.
+    A summary.json that is not JSON is no finished job: the job runs, and its run says what is wrong."""
+    try:
+        previous = read_summary(Path(cfg.output_dir))
+    except BadFile as e:
+        log.warning(f"{job_name}: {e}")
+        return None
     if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
         log.info(f"{job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
         return {**previous, "resumed": True}
@@ -265,8 +281,7 @@ def run_group(cfgs: list[DictConfig], overrides: list[list[str]], sweep_dir: Pat
     wall = time.perf_counter() - t0
     records = []
     for cfg, o, name in zip(cfgs, overrides, names):
-        record = read_summary(Path(cfg.output_dir)) or {"summary/status": str(Status.failed),
-                                                        "summary/reason": "the job wrote no summary"}
+        record = job_summary(Path(cfg.output_dir))
         record["job_wall_s"] = wall  # the group's: its jobs trained at once
         record["fused_with"] = [n for n in names if n != name]
         if record.get("summary/train_time_s") is not None:
@@ -323,8 +338,7 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
                 run(cfg, overrides=overrides)
             except Exception as e:  # in-process: record and go on, as the isolated path does
                 record_failure(job_dir, e)
-        record = read_summary(job_dir) or {"summary/status": str(Status.failed),
-                                           "summary/reason": "the job wrote no summary"}
+        record = job_summary(job_dir)
         # The job as the sweep saw it, process start and exit included; overhead = all that was not its steps.
         record["job_wall_s"] = time.perf_counter() - t0
         if record.get("summary/train_time_s") is not None:
@@ -340,9 +354,13 @@ def report(sweep_dir: Path) -> tuple[str, int]:
     if not path.is_file():
         return "", 0
     latest: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        latest[rec["job"]] = rec
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            latest[str(rec["job"])] = rec
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed sweep, or not one of its records
+            log.warning(f"{path} line {n} is not a job's record (cut short by a killed sweep?); left out of the "
+                        "table")
     lines = [f"{'job':<40} {'status':<14} {'final loss':>10} {'peak GiB':>9} {'overhead s':>10}  reason"]
     bad = 0
     for job, rec in latest.items():
