@@ -194,6 +194,43 @@ def test_a_run_dir_another_process_writes_is_refused_naming_it(module_run, copy_
     assert not (run_dir / rundir.LOCK).exists()
 
 
+def test_a_fused_group_holds_each_jobs_run_dir_and_leaves_one_another_writes(cache_dir, tmp_path, monkeypatch,
+                                                                           capsys):
+    """A fused group (runner/fuse.py) is one process writing several run dirs: it holds each job's lock while it
+    trains them; a job whose dir another process holds is dropped from the group (its dir left as it was), the
+    others train."""
+    from qlora_lab.runner import fuse
+
+    common = ["optim.max_steps=1", "quantization=none", "eval=loss", "eval.every_steps=0", "eval.at_start=false",
+              "data.max_eval_rows=16", "logger=none", "device=cpu"]
+    dirs = [tmp_path / f"j{i}" for i in range(3)]
+    entries = [fuse.Entry(OmegaConf.to_container(compose_run(cache_dir, d, common + [f"lora.r={4 * (i + 1)}"]),
+                                                 resolve=True), [f"lora.r={4 * (i + 1)}"])
+               for i, d in enumerate(dirs)]
+    dirs[1].mkdir()
+    holder = _holder(dirs[1] / rundir.LOCK)
+    seen = {}
+    real_train = fuse._train
+
+    def train(members, timeline):  # while the group trains: who holds each job's lock
+        seen.update({m.out_dir.name: lock.read(m.out_dir / rundir.LOCK)[0].pid for m in members})
+        return real_train(members, timeline)
+
+    monkeypatch.setattr(fuse, "_train", train)
+    try:
+        fuse.run_group(entries)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert seen == {"j0": os.getpid(), "j2": os.getpid()}
+    assert f"{dirs[1]} is in use: another run writes there (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in dirs[1].iterdir()) == [rundir.LOCK]  # the other writer's dir: untouched
+    for d in (dirs[0], dirs[2]):
+        summary = json.loads((d / "summary.json").read_text())
+        assert summary["summary/status"] == "finished" and summary["summary/fused_jobs"] == 2
+        assert not (d / rundir.LOCK).exists()  # given back when the group ended
+
+
 def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
@@ -281,6 +318,29 @@ def test_default_run_and_sweep_dirs_launched_in_one_second_are_each_their_own(tm
     assert rundir.claim_new(tmp_path / "s") != rundir.claim_new(tmp_path / "s")
 
 
+def test_a_sweep_dir_another_sweep_writes_is_refused_naming_it(tmp_path, capsys):
+    """One sweep at a time in a sweep dir: a second launch into it exits 2 naming the first, before any job."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from helpers import CONF
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    holder = _holder(sweep_dir / rundir.LOCK)
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name="train", overrides=[f"hydra.sweep.dir={sweep_dir}"],
+                                return_hydra_config=True)
+        with pytest.raises(SystemExit) as e:
+            rundir.RunDirGuard().on_multirun_start(cfg)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert e.value.code == 2
+    assert f"{sweep_dir} is in use: another sweep writes there (pid {holder.pid} on " in capsys.readouterr().err
+    assert sorted(p.name for p in sweep_dir.iterdir()) == [rundir.LOCK]
+
+
 # ---- names: a user's value is one path component, wherever it becomes a path ----
 
 def test_names_made_of_user_values_stay_one_path_component(compose, tmp_path, monkeypatch):
@@ -304,7 +364,7 @@ def test_names_made_of_user_values_stay_one_path_component(compose, tmp_path, mo
 # ---- files read back: refused in one line naming the file and the fix; a failed attempt changes nothing ----
 
 FINISHED = ["optim.max_steps=3", "save.every_steps=1", "save.keep_last=3", "logger=none", "eval=loss",
-            "eval.every_steps=0", "data.max_eval_rows=16", "device=cpu"]
+            "eval.every_steps=0", "data.max_eval_rows=16", "quantization=none", "device=cpu"]
 MARKER = "/tmp/qlora-lab-trust-payload-ran"
 
 
@@ -377,6 +437,39 @@ def test_records_read_back_are_refused_in_one_line(tmp_path):
     (tmp_path / "x.json").write_text("[1, 2")
     with pytest.raises(BadFile, match=r"x.json is not valid JSON \(.* at line 1, column 6\); FIX"):
         read_json(tmp_path / "x.json", "FIX")
+
+
+def test_a_sweeps_records_read_back_are_one_jobs_problem_never_the_sweeps(tmp_path, compose, capsys):
+    """A sweep reads back what its jobs and its killed runs left: a torn line of sweep_summary.jsonl, a job's
+    summary.json that is not JSON, a metrics line cut short, an overrides.yaml that is not YAML. Each is said in one
+    line and costs that job (or line) alone; the table, the report and the other jobs go on."""
+    from qlora_lab.runner import compare
+
+    good = {"summary/status": "finished", "summary/final_loss": 2.5, "summary/peak_memory_gib": 1.0}
+    for name, summary in (("job0", json.dumps(good)), ("job1", '{"summary/status": "fini')):
+        (tmp_path / name / ".hydra").mkdir(parents=True)
+        (tmp_path / name / "summary.json").write_text(summary)
+        (tmp_path / name / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n{"step": 2, "train/lo')
+    (tmp_path / "job0" / ".hydra" / "overrides.yaml").write_text("- lora.r=4\n- [unclosed\n")
+    jobs = compare.load_jobs(tmp_path)
+    assert [(j["name"], j["curve"], j["overrides"]) for j in jobs] == [("job0", [(1, 3.0)], [])]
+    err = capsys.readouterr().err
+    assert "job1 left out: " in err and "summary.json is not valid JSON" in err and "overrides.yaml is not YAML" in err
+    assert "Traceback" not in err
+
+    (tmp_path / sweep.SUMMARY_FILE).write_text(json.dumps({"job": "job0", **good}) + '\n{"job": "job1", "summ')
+    table, bad = sweep.report(tmp_path)
+    assert "job0" in table and "job1" not in table and bad == 0
+    assert f"{tmp_path / sweep.SUMMARY_FILE} line 2 is not a job's record" in capsys.readouterr().err
+
+    failed = sweep.job_summary(tmp_path / "job1")  # what the sweep records for the job whose summary is damaged
+    assert failed["summary/status"] == "failed" and "summary.json is not valid JSON" in failed["summary/reason"]
+    cfg = compose(["sweep.resume=true"], out=tmp_path / "job1")
+    assert sweep.finished_before(cfg, "job1") is None  # not taken for finished: the job runs and says why
+
+    (tmp_path / "job_config.json").write_text('{"config": {"lora"')
+    with pytest.raises(BadFile, match=r"job_config.json is not valid JSON \(.*\); it is not a job's config"):
+        sweep.read_handoff(tmp_path / "job_config.json")
 
 
 def test_a_model_dir_with_pickled_weights_is_refused_unread(tmp_path, compose):
