@@ -22,8 +22,8 @@ WANDB = "0123456789abcdef0123456789abcdef01234567"  # a W&B key's shape: 40 hex 
 MLFLOW = "mlflow-fake-password-1234"
 TAG = "hf_" + "TagFake0Token1Only2For3Tests4Abcd"
 SECRETS = (HF, WANDB, MLFLOW, TAG)
-QUICK = ["optim.max_steps=2", "eval=loss", "eval.at_start=false", "data.max_eval_rows=16", "log.progress_bar=false",
-         "device=cpu"]
+QUICK = ["optim.max_steps=2", "quantization=none", "eval=loss", "eval.at_start=false", "data.max_eval_rows=16",
+         "log.progress_bar=false", "device=cpu"]
 # tokens in the environment, a token-shaped tag, an escaped interpolation of the token, checkpoints, both sinks
 LEAKY = [f"tags=[{TAG}]", "data.system_prompt=\\${oc.env:HF_TOKEN}", "logger=[wandb,mlflow]", "save.every_steps=1"]
 
@@ -50,23 +50,23 @@ def _leaks(root: Path) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("mode", ["single", "fused_sweep", "sweep_fuse_false"])
+@pytest.mark.parametrize("mode", ["single", "fused_sweep"])
 def test_no_credential_reaches_any_file(tmp_path, cache_dir, mode):
+    """A single run, and a sweep through the launcher plug-in (its jobs resolved once, handed to their process in a
+    file without credentials, trained as one fused group). A sweep whose jobs run one process each (sweep.fuse=false)
+    hands them over the same way (sweep.write_handoff, tested in test_trust.py) and is left out for time."""
     out = tmp_path / "out"
     if mode == "single":
         args = [*QUICK, *LEAKY, f"hydra.run.dir={out}"]
     else:
-        args = ["-m", "lora.r=4,8", *QUICK, *LEAKY, f"hydra.sweep.dir={out}"] + \
-            (["sweep.fuse=false"] if mode == "sweep_fuse_false" else [])
+        args = ["-m", "lora.r=4,8", *QUICK, *LEAKY, f"hydra.sweep.dir={out}"]
     res = _train(args, cache_dir)
     assert res.returncode == 0, res.stderr[-3000:]
     assert not [s for s in SECRETS if s in res.stdout + res.stderr], "the console quoted a secret"
     runs = [out] if mode == "single" else sorted(p for p in out.iterdir() if (p / "run_info.json").is_file())
     assert len(runs) == (1 if mode == "single" else 2)
     if mode == "fused_sweep":
-        assert len(list(out.glob("group_*.json"))) == 1
-    elif mode == "sweep_fuse_false":
-        assert all((r / "job_config.json").is_file() for r in runs)
+        assert len(list(out.glob("group_*.json"))) == 1  # the hand-off file exists, and holds no secret (below)
     assert _leaks(out) == []
     assert _leaks(Path(cache_dir)) == []
     for r in runs:  # the run was recorded, scrubbed, not emptied; the escaped interpolation stayed text
@@ -155,9 +155,9 @@ def test_kills_while_tokenizing_checkpointing_and_evaluating_then_resume(tmp_pat
     """SIGKILL while the tokenized store is written, while a checkpoint is written, and while an evaluation runs;
     each time the same command with resume=auto continues, and nothing is left half-written."""
     cache, run_dir = tmp_path / "cache", tmp_path / "run"
-    args = ["optim.max_steps=4", "save.every_steps=1", "eval=loss", "eval.at_start=false", "eval.every_steps=2",
-            "data.max_eval_rows=16", "logger=none", "log.progress_bar=false", "device=cpu", "resume=auto",
-            f"hydra.run.dir={run_dir}"]
+    args = ["optim.max_steps=4", "quantization=none", "save.every_steps=1", "eval=loss", "eval.at_start=false",
+            "eval.every_steps=2", "data.max_eval_rows=16", "logger=none", "log.progress_bar=false", "device=cpu",
+            "resume=auto", f"hydra.run.dir={run_dir}"]
     env = {**child_env(), "PYTHONPATH": os.pathsep.join(p for p in (KILLS, os.environ.get("PYTHONPATH")) if p)}
     # killed tokenizing; killed in the first evaluation (step 2; checkpoint 1 is whole); resumed from step 1 and
     # killed writing checkpoint 3; resumed from step 2 and finished
