@@ -10,7 +10,10 @@ import argparse
 import sys
 from types import ModuleType
 
+from qlora_lab.export import command as export
+
 COMMANDS: dict[str, ModuleType] = {}  # name -> module with add_arguments(parser) and main(args) -> int
+COMMANDS["export"] = export  # merge a run's adapter, write a checkpoint or GGUF file, check it (export/)
 
 
 def parser() -> argparse.ArgumentParser:
