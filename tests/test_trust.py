@@ -136,6 +136,64 @@ def test_the_scrubber_redacts_by_name_by_environment_and_by_shape(monkeypatch):
         {"logger.api_key": "<redacted>", "tags": ["<redacted>", "x"], "n": 3, "token": None}
 
 
+def test_every_registered_sink_is_handed_scrubbed_records_only(tmp_path, monkeypatch):
+    """What a sink records reaches it through open_sinks (the run: name, group, tags, config, the history a resume
+    refills) and MetricLogger (metrics, tables, summary, artifact metadata), both scrubbed: true of every sink
+    registered in sinks/ (wandb, mlflow, any added later), which are replaced here by recorders."""
+    from qlora_lab import sinks
+    from qlora_lab.sinks.logger import MetricLogger
+
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef0123456789abcdef01234567")
+    secret = os.environ["WANDB_API_KEY"]
+    got: dict[str, list] = {}
+
+    class Recorder:
+        run_id = "r"
+
+        def __init__(self, name, run):
+            got[name] = [run.name, run.group, run.tags, run.config, run.history]
+
+        def log(self, metrics, step):
+            got[self.name].append(metrics)
+
+        def table(self, name, rows, step):
+            got[self.name].append(rows)
+
+        def summary(self, values):
+            got[self.name].append(values)
+
+        def artifact(self, path, name, kind, metadata):
+            got[self.name].append(metadata)
+
+        def close(self):
+            pass
+
+    def opener(name):
+        def open_sink(cfg, run):
+            rec = Recorder(name, run)
+            rec.name = name
+            return rec
+        return open_sink
+
+    for name, module in sinks.SINKS.items():
+        monkeypatch.setattr(module, "open_sink", opener(name))
+    assert {"wandb", "mlflow"} <= set(sinks.SINKS)
+    run = sinks.RunRecord(tmp_path, f"r={TOKEN}", f"sweep-{secret}", None, [TOKEN],
+                          {"data.system_prompt": TOKEN, "logger.mlflow.tracking_uri": "https://u:pw@h/x"}, {},
+                          history=[{"step": 1, "n": TOKEN}])
+    opened = sinks.open_sinks({name: None for name in sinks.SINKS}, run, resume_ids={})
+    logger = MetricLogger(opened)
+    logger.log({"eval/sample": f"Bearer {TOKEN}", "api_key": "x"}, 1)
+    logger.table("eval/samples", [{"prediction": secret}], 1)
+    logger.summary({"summary/reason": f"401 for {TOKEN}"})
+    logger.artifact(tmp_path, "adapter", "model", {"command": f"+model.token={secret}"})
+    assert set(got) == set(sinks.SINKS)
+    for name, records in got.items():
+        text = json.dumps(records)
+        assert TOKEN not in text and secret not in text and "pw@" not in text, name
+        assert text.count(scrub.REDACTED) == 11, (name, text)  # each was recorded, its secret redacted
+
+
 def test_a_job_config_file_holds_no_credential_yet_the_job_gets_it_back(tmp_path, monkeypatch):
     container = {"config": {"tags": [TOKEN], "logger": {"mlflow": {"tracking_uri": "https://u:pw@h/x"}}, "n": 1},
                  "overrides": [f"tags=[{TOKEN}]"]}

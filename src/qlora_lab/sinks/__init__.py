@@ -97,7 +97,7 @@ def open_sinks(logger: dict[str, Any], run: RunRecord, resume_ids: dict[str, str
     from the checkpoint) each continues its own earlier run. What a sink is told is scrubbed of credentials first
     (core/scrub.py); what it is given later goes through MetricLogger, which scrubs it too."""
     run = replace(run, name=scrub_text(run.name), group=scrub_text(run.group) if run.group else None,
-                  tags=scrub(list(run.tags)), config=scrub(run.config))
+                  tags=scrub(list(run.tags)), config=scrub(run.config), history=scrub(list(run.history)))
     sinks = []
     for name, cfg in logger.items():
         record = run if resume_ids is None else replace(run, resume_id=resume_ids.get(name), resuming=True)
