@@ -530,6 +530,41 @@ def test_a_sweeps_records_read_back_are_one_jobs_problem_never_the_sweeps(tmp_pa
         sweep.read_handoff(tmp_path / "job_config.json")
 
 
+def test_an_export_publishes_no_credential_and_refuses_a_damaged_export_json(module_run, copy_run, tmp_path,
+                                                                            monkeypatch, capsys):
+    """An export's model card is made to be published: what it copies from the run (config, command, summary) is
+    scrubbed again, so a run recorded before scrubbing (planted here) leaks nothing through it, nor through
+    export.json or the console. export.json read back by --check-only: damaged, it is refused in one line."""
+    from qlora_lab.cli import main as cli
+
+    run_dir = copy_run(module_run(FINISHED))
+    monkeypatch.setenv("HF_TOKEN", "env-secret-value-0123")
+    info = json.loads((run_dir / "run_info.json").read_text())
+    info["config"]["tags"] = [TOKEN]
+    info["command"] = f"train.py +model.token=env-secret-value-0123 tags=[{TOKEN}]"
+    (run_dir / "run_info.json").write_text(json.dumps(info))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "summary/eval_note": f"Bearer {TOKEN}"}))
+    out = tmp_path / "export"
+    assert cli(["export", str(run_dir), "--out", str(out)]) == 0
+    printed = capsys.readouterr()
+    files = {p.name: p.read_text() for p in out.iterdir() if p.suffix in (".md", ".json")}
+    assert {"README.md", "export.json"} <= set(files) and "tags=[<redacted>]" in files["README.md"]
+    for text in (*files.values(), printed.out, printed.err):
+        assert TOKEN not in text and "env-secret-value-0123" not in text
+    manifest = out / "export.json"
+    for damaged in ('{"format": "merged", "fi', json.dumps({"format": "merged"})):
+        manifest.write_text(damaged)
+        assert cli(["export", str(run_dir), "--check-only", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"{manifest} " in err and "export again with --overwrite" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+    (run_dir / "summary.json").write_text('{"summary/status": "fin')  # the run's own record, read by every export
+    assert cli(["export", str(run_dir), "--overwrite", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'summary.json'} is not valid JSON" in err and "Traceback" not in err
+
+
 def test_a_model_dir_with_pickled_weights_is_refused_unread(tmp_path, compose):
     d = tmp_path / "m"
     d.mkdir()

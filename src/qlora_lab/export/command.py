@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab.core.errors import BadFile
+from qlora_lab.core.scrub import scrub_text
 from qlora_lab.export import card, gguf, merge, serve, verify
 from qlora_lab.export.inputs import (EXPORT_DIR, Base, ExportError, RunRecord, adapter_digest, best_job,
                                      choose_base, read_run, target_problems)
@@ -51,13 +53,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def say(line: str, err: bool = False) -> None:
-    print(f"qlora-lab: export: {line}", file=sys.stderr if err else sys.stdout, flush=True)
+    """A console line, scrubbed of credentials as the run's console is (a path or a recorded command may hold one)."""
+    print(scrub_text(f"qlora-lab: export: {line}"), file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         return _main(args)
-    except ExportError as e:
+    except (ExportError, BadFile) as e:  # BadFile: a record read back that is not what qlora-lab wrote
         say(str(e), err=True)
         return EXIT_REFUSED
     except gguf.ConversionError as e:  # an architecture or tokenizer llama.cpp does not know: nothing was placed
