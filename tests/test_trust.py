@@ -565,6 +565,23 @@ def test_an_export_publishes_no_credential_and_refuses_a_damaged_export_json(mod
     assert f"{run_dir / 'summary.json'} is not valid JSON" in err and "Traceback" not in err
 
 
+def test_an_export_of_a_run_dir_another_process_writes_is_refused_naming_it(module_run, copy_run, capsys):
+    """The export reads the adapter and writes into RUN_DIR/export/: it holds the run dir's lock as a run does, so an
+    export while a run trains there (a resume may replace the adapter mid-read) is refused, before any model loads."""
+    from qlora_lab.cli import main as cli
+
+    run_dir = copy_run(module_run(FINISHED))
+    holder = _holder(run_dir / rundir.LOCK)
+    try:
+        assert cli(["export", str(run_dir)]) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    err = capsys.readouterr().err
+    assert f"{run_dir} is in use: another process writes there (pid {holder.pid} on " in err
+    assert "nothing was loaded or written" in err and not (run_dir / "export").exists()
+
+
 def test_a_model_dir_with_pickled_weights_is_refused_unread(tmp_path, compose):
     d = tmp_path / "m"
     d.mkdir()
