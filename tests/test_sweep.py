@@ -107,10 +107,17 @@ def test_the_warm_process_preloads_real_modules_and_a_bad_fork_names_the_fix(com
 
     from qlora_lab.runner import sweep as sweep_mod
 
-    names = sweep_mod.preload(OmegaConf.to_object(compose([])))
-    assert "transformers.models.llama.modeling_llama" in names
+    cfg, modeling = OmegaConf.to_object(compose([])), "transformers.models.llama.modeling_llama"
+    names = sweep_mod.preload(cfg)
     assert all(importlib.util.find_spec(n) is not None for n in names), names
-    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    # where torchao is installed the modeling module would import it, and torchao initialises CUDA at import
+    assert (modeling in names) == (importlib.util.find_spec("torchao") is None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert modeling in sweep_mod.preload(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)  # a fork after CUDA was initialised ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # ... on a machine with a GPU
     with pytest.raises(RuntimeError, match="sweep.warm_start=false"):
         sweep_mod._forked("unused.json", dict(os.environ), os.getcwd())
 
