@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +36,7 @@ from qlora_lab.runner.run import run
 from qlora_lab.sinks import provenance
 from qlora_lab.sinks.summary import read_summary
 from qlora_lab.train import checkpoint
+from qlora_lab.train.signals import SignalsRaise
 
 TOKEN = "hf_" + "Fake0Token1For2Tests3Only4Abcdefgh"  # the shape of a Hugging Face token
 
@@ -256,7 +258,7 @@ def test_a_fused_group_holds_each_jobs_run_dir_and_leaves_one_another_writes(cac
                                                                            capsys):
     """A fused group (runner/fuse.py) is one process writing several run dirs: it holds each job's lock while it
     trains them; a job whose dir another process holds is dropped from the group (its dir left as it was), the
-    others train."""
+    others train. Like run(), it turns SIGTERM into an exception each job records."""
     from qlora_lab.runner import fuse
 
     common = ["optim.max_steps=1", "quantization=none", "eval=loss", "eval.every_steps=0", "eval.at_start=false",
@@ -270,8 +272,9 @@ def test_a_fused_group_holds_each_jobs_run_dir_and_leaves_one_another_writes(cac
     seen = {}
     real_train = fuse._train
 
-    def train(members, timeline):  # while the group trains: who holds each job's lock
+    def train(members, timeline):  # as the group starts training: who holds each job's lock, and what SIGTERM does
         seen.update({m.out_dir.name: lock.read(m.out_dir / rundir.LOCK)[0].pid for m in members})
+        seen["sigterm"] = signal.getsignal(signal.SIGTERM)
         return real_train(members, timeline)
 
     monkeypatch.setattr(fuse, "_train", train)
@@ -280,6 +283,8 @@ def test_a_fused_group_holds_each_jobs_run_dir_and_leaves_one_another_writes(cac
     finally:
         holder.kill()
         holder.wait()
+    # SIGTERM (a sweep stopped by Ctrl-C) is an exception every job records, not a silent end of the process
+    assert seen.pop("sigterm") is SignalsRaise._raise
     assert seen == {"j0": os.getpid(), "j2": os.getpid()}
     assert f"{dirs[1]} is in use: another run writes there (pid {holder.pid} on " in capsys.readouterr().err
     assert sorted(p.name for p in dirs[1].iterdir()) == [rundir.LOCK]  # the other writer's dir: untouched

@@ -53,6 +53,7 @@ from qlora_lab.train import checkpoint
 from qlora_lab.train.evaluate import Evaluator
 from qlora_lab.train.loop import GroupMember, Job, train_group
 from qlora_lab.train.optim import total_steps
+from qlora_lab.train.signals import SignalsRaise
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,13 @@ class Member:
 def run_group(entries: list[Entry]) -> None:
     """Train the jobs of one group in this process; each records its own ending (summary.json) and nothing raised
     by one job stops another."""
+    # SIGTERM while loading or saving (a sweep stopped by Ctrl-C sends it) raises KeyboardInterrupt, recorded in every
+    # job like Ctrl-C, as run() does; its default would end the process without a word, no job's summary written.
+    with SignalsRaise():
+        _run_group(entries)
+
+
+def _run_group(entries: list[Entry]) -> None:
     timeline = Timeline()
     timeline.mark("launch")
     members = []

@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -161,22 +162,49 @@ def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.conte
     return _warm
 
 
+# Ctrl-C reaches a sweep's main thread only; the launcher's threads (units side by side) wait on their jobs and never
+# see it. The main thread then calls stop_running: no job starts any more, and each running one gets SIGTERM.
+_stopping = threading.Event()
+_running: set["_Job"] = set()
+_running_lock = threading.Lock()
+
+
+def stop_running() -> None:
+    """Stop the sweep's jobs from another thread than the ones waiting on them: none starts any more, and each
+    running one is sent SIGTERM, on which it checkpoints and records itself interrupted (its waiting thread then
+    records it in the sweep's table as any job that ended)."""
+    with _running_lock:
+        _stopping.set()
+        for job in list(_running):
+            job.proc.terminate()
+
+
 class _Job:
     """A job's training process: forked from the warm process (sweep.warm_start) or a fresh interpreter."""
 
     def __init__(self, config_path: Path, env: dict[str, str], warm: DictConfig | None):
-        if warm is not None:
-            self.proc = _warm_context(warm, env).Process(target=_forked, args=(str(config_path), {**env, **NVML_CHECK},
-                                                                      os.getcwd()), name=config_path.parent.name)
-            self.proc.start()
-        else:
-            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)], env=env)
+        with _running_lock:
+            if _stopping.is_set():
+                raise KeyboardInterrupt("the sweep is stopping: no job starts")
+            if warm is not None:
+                self.proc = _warm_context(warm, env).Process(
+                    target=_forked, args=(str(config_path), {**env, **NVML_CHECK}, os.getcwd()),
+                    name=config_path.parent.name)
+                self.proc.start()
+            else:
+                self.proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)],
+                                             env=env)
+            _running.add(self)
 
     def wait(self) -> None:
-        if isinstance(self.proc, subprocess.Popen):
-            self.proc.wait()
-        else:
-            self.proc.join()
+        try:
+            if isinstance(self.proc, subprocess.Popen):
+                self.proc.wait()
+            else:
+                self.proc.join()
+        finally:
+            with _running_lock:
+                _running.discard(self)
 
     def stop(self) -> None:
         self.proc.terminate()  # SIGTERM: the job records itself as interrupted
