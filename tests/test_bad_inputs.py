@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import ROOT, fake_checkpoint
+from test_trust import TRUST_FAMILIES
 from qlora_lab.core.errors import CheckpointError, ConfigError, DataError
 from qlora_lab.data import rows as data_rows
 from qlora_lab.memory import plan
@@ -307,7 +308,8 @@ def test_model_dir(compose, tmp_path, damage, needle):
 
 # ---- the catalogue and its tests stay in step ----
 
-FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES}
+FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES,
+            **TRUST_FAMILIES}
 
 
 def _test_exists(ref: str) -> bool:

@@ -85,7 +85,7 @@ def _mlflow(uri: str):
 
 def test_wandb_and_mlflow_record_the_same_run(cache_dir, tmp_path):
     res = train_py(["logger=[wandb,mlflow]", "optim.max_steps=4", "eval=loss", "eval.every_steps=2",
-                    "log.adapter_artifact=true", "lora.r=4"], cache_dir, tmp_path)
+                    "eval.at_start=true", "log.adapter_artifact=true", "lora.r=4"], cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "run"
     info = json.loads((run_dir / "run_info.json").read_text())

@@ -107,10 +107,17 @@ def test_the_warm_process_preloads_real_modules_and_a_bad_fork_names_the_fix(com
 
     from qlora_lab.runner import sweep as sweep_mod
 
-    names = sweep_mod.preload(OmegaConf.to_object(compose([])))
-    assert "transformers.models.llama.modeling_llama" in names
+    cfg, modeling = OmegaConf.to_object(compose([])), "transformers.models.llama.modeling_llama"
+    names = sweep_mod.preload(cfg)
     assert all(importlib.util.find_spec(n) is not None for n in names), names
-    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)
+    # where torchao is installed the modeling module would import it, and torchao initialises CUDA at import
+    assert (modeling in names) == (importlib.util.find_spec("torchao") is None)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    assert modeling in sweep_mod.preload(cfg)
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    monkeypatch.setattr(torch.cuda, "_is_in_bad_fork", lambda: True)  # a fork after CUDA was initialised ...
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # ... on a machine with a GPU
     with pytest.raises(RuntimeError, match="sweep.warm_start=false"):
         sweep_mod._forked("unused.json", dict(os.environ), os.getcwd())
 
@@ -256,19 +263,33 @@ def test_wandb_sweep_yaml_builds_a_valid_train_command(compose):
     assert cfg.lora.r == params["lora.r"] and cfg.optim.lr == pytest.approx(params["optim.lr"])
 
 
-def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path):
+@pytest.mark.parametrize("fuse", ["false", "true"])
+def test_ctrl_c_stops_the_sweep_cleanly(cache_dir, tmp_path, fuse):
+    """Ctrl-C stops a sweep and says which jobs finished: with one process per job (Hydra's loop over jobs) and with
+    the jobs fused (the launcher's threads wait on the group, and Ctrl-C reaches the main thread alone: it stops
+    the running group, each job checkpointed and recorded interrupted, instead of waiting for it to finish)."""
     env = child_env()
     cmd = [sys.executable, str(ROOT / "train.py"), "-m", "lora.r=4,8,16", "optim.max_steps=400", "logger=none",
-           f"cache_dir={cache_dir}", "log.progress_bar=false", f"hydra.sweep.dir={tmp_path}/sweep"]
+           f"sweep.fuse={fuse}", "eval=loss", "quantization=none", f"cache_dir={cache_dir}", "log.progress_bar=false",
+           f"hydra.sweep.dir={tmp_path}/sweep"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, preexec_fn=interactive_signals)
-    deadline = time.time() + 120
-    while not list((tmp_path / "sweep").glob("0_*/metrics.jsonl")) and time.time() < deadline:
+    deadline = time.time() + 240
+
+    def trained() -> bool:  # job 0 has logged a step: its process is in its training loop
+        return any('"train/loss"' in m.read_text() for m in (tmp_path / "sweep").glob("0_*/metrics.jsonl"))
+
+    while not trained() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)  # the user's Ctrl-C reaches the sweep process
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert "sweep interrupted" in err
     records = [json.loads(x) for x in (tmp_path / "sweep" / "sweep_summary.jsonl").read_text().splitlines()]
-    assert records[-1]["summary/status"] == "interrupted" and records[-1]["job"].startswith("0_")
-    assert not list((tmp_path / "sweep").glob("1_*"))  # no later job started
+    if fuse == "false":
+        assert records[-1]["summary/status"] == "interrupted" and records[-1]["job"].startswith("0_")
+        assert not list((tmp_path / "sweep").glob("1_*"))  # no later job started
+    else:
+        assert sorted(r["job"][:2] for r in records) == ["0_", "1_", "2_"]
+        assert {r["summary/status"] for r in records} == {"interrupted"}
+        assert all(list((tmp_path / "sweep" / r["job"] / "checkpoints").glob("step_*")) for r in records)

@@ -8,6 +8,7 @@ conf/train.yaml starts from `train_schema`; conf/quantization/<x>.yaml from /qua
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
@@ -59,10 +60,25 @@ def key_table(config: dict[str, Any]) -> dict[str, Declared]:
     return table
 
 
+def literal(value: Any) -> Any:
+    """A resolved config as OmegaConf literals: a string holding `${...}` (what an escaped `\\${oc.env:X}` resolved
+    to) escaped again, so that making a config of it does not resolve it a second time (into the variable's value,
+    in a sweep job, where a single run kept the text)."""
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: "\\" * (2 * len(m.group(1)) + 1) + "${", value)
+    if isinstance(value, dict):
+        return {k: literal(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [literal(v) for v in value]
+    return value
+
+
 def typed(config: dict[str, Any]) -> DictConfig:
     """A recorded config (a sweep job's, run_info.json's) back into the typed schema it was composed from: the run
     schema with its quantization backend's and its sinks' schemas in place, so that it validates and converts to a
-    TrainConfig as the composed one did."""
+    TrainConfig as the composed one did. Its values are what they resolved to once (`literal`): nothing in it is
+    resolved again."""
+    config = literal(config)
     node = OmegaConf.structured(TrainConfig)
     backend = config.get("quantization", {}).get("backend")
     if backend in quantize.BACKENDS:

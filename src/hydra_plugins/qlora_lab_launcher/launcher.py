@@ -10,6 +10,7 @@ It lives in Hydra's `hydra_plugins` namespace because Hydra instantiates launche
 
 
 import logging
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,8 +82,23 @@ class QlabLauncher(Launcher):
         lock = threading.Lock()  # one forkserver connection at a time
         if width > 1:
             log.info(f"sweep: up to {width} units side by side on the GPU (sweep.max_parallel)")
+        from qlora_lab.runner import sweep as sweep_mod
+
+        interrupted = False
         with ThreadPoolExecutor(max_workers=width) as pool:
-            list(pool.map(lambda u: self._run_unit([prepared[i] for i in u], sweep_dir, lock), units))
+            futures = [pool.submit(self._run_unit, [prepared[i] for i in u], sweep_dir, lock) for u in units]
+            try:
+                for f in futures:
+                    f.result()
+            except KeyboardInterrupt:  # Ctrl-C reaches this thread alone: the units' threads wait on their jobs
+                interrupted = True
+                for f in futures:
+                    f.cancel()  # a unit not started never starts
+                sweep_mod.stop_running()  # the running jobs checkpoint, record themselves interrupted and end
+        if interrupted:
+            table, _ = sweep_mod.report(sweep_dir)
+            print(f"qlora-lab: sweep interrupted; jobs so far:\n{table}", file=sys.stderr)
+            raise SystemExit(130)
         return [p.ret for p in prepared]
 
     def _run_one(self, overrides: Sequence[str], idx: int) -> JobReturn:

@@ -17,7 +17,9 @@ differ only in keys that leave the base model and the batch stream alone (runner
     location        where a run reads and writes, how its console looks      ignored       yes      no
 
 A key whose change a resume must refuse although its effect allows it (the optimizer's kind: its states do not
-carry over) says so with `resume="refuse"`.
+carry over) says so with `resume="refuse"`. The schema is closed (qlora_lab/closed.py: a key it lacks is refused, `+`
+or not); a field deliberately open to keys of its own (`model.build`: a transformers config) says so with
+`open="<what checks those keys>"`.
 """
 
 from __future__ import annotations
@@ -65,12 +67,15 @@ RESUME = {Effect.base: "refuse", Effect.data: "refuse", Effect.adapter: "refuse"
           Effect.location: "ignore"}
 
 
-def key(effect: Effect, *, resume: str | None = None) -> Any:
-    """A schema field with no default (defaults live in conf/) and its declared effect."""
-    meta = {"effect": Effect(effect)}
+def key(effect: Effect, *, resume: str | None = None, open: str | None = None) -> Any:
+    """A schema field with no default (defaults live in conf/) and its declared effect; `open`: the field (a dict)
+    takes keys the schema does not list, and says what checks them instead."""
+    meta: dict[str, Any] = {"effect": Effect(effect)}
     if resume is not None:
         assert resume in ("refuse", "allow"), resume
         meta["resume"] = resume
+    if open is not None:
+        meta["open"] = open
     return dataclasses.field(default=MISSING, metadata=meta)
 
 
@@ -78,11 +83,13 @@ def key(effect: Effect, *, resume: str | None = None) -> Any:
 class Declared:
     effect: Effect
     resume: str  # refuse | product | allow | ignore
+    open: str | None = None  # a dict field open to keys of its own: what checks them
 
 
 def _declared(f: dataclasses.Field) -> Declared | None:
     effect = f.metadata.get("effect")
-    return None if effect is None else Declared(effect, f.metadata.get("resume", RESUME[effect]))
+    return None if effect is None else Declared(effect, f.metadata.get("resume", RESUME[effect]),
+                                                f.metadata.get("open"))
 
 
 def _is_schema(obj: Any) -> bool:

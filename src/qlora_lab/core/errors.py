@@ -33,6 +33,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used (missing, corrupt, from another run) or cannot be written."""
 
 
+class BadFile(CheckpointError):
+    """A file read back (a checkpoint's, a run's record, a model's) that is not what it should be; the message names
+    it and the fix in one line, and never advises a less safe way to load it."""
+
+
 class OutputError(RuntimeError):
     """The run dir could not be written mid-run (read-only, full, removed); the message says what to do."""
 

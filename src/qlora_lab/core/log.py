@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from qlora_lab.core.scrub import scrub_text
+
 PREFIX = "qlora-lab: "
 
 
@@ -20,7 +22,7 @@ class Console(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            msg = record.getMessage()
+            msg = scrub_text(record.getMessage())  # a message may quote a value: never a credential (core/scrub.py)
             if record.levelno >= logging.WARNING:
                 stream, msg = sys.stderr, f"{PREFIX}warning: {msg}" if record.levelno == logging.WARNING else PREFIX + msg
             else:

@@ -13,6 +13,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from qlora_lab.core.paths import ASSET_DIR
+from qlora_lab.core.scrub import scrub_text
 
 
 # Set by the multirun callback (runner.sweep.SweptKeys) for the jobs it launches: the keys the sweep varies.
@@ -40,9 +41,11 @@ def _last_part(value: str) -> str:
     return value.rstrip("/").rsplit("/", 1)[-1] if "/" in value else value
 
 
-def _safe(value: str) -> str:
-    """A value with every run of characters a path or W&B would trip on (`/`, spaces, brackets) as one `-`."""
-    return re.sub(r"[^A-Za-z0-9=,._+-]+", "-", value).strip("-")
+def safe(value: str) -> str:
+    """A user's value as (part of) one path component and a W&B name: any credential in it redacted (core/scrub.py),
+    every run of characters a path or W&B would trip on (`/`, spaces, brackets) as one `-`, no leading or trailing
+    dot or dash (so never `.`, `..` or a hidden name)."""
+    return re.sub(r"[^A-Za-z0-9=,._+-]+", "-", scrub_text(value)).strip("-.")
 
 
 def capped(name: str, cap: int = NAME_CAP) -> str:
@@ -70,7 +73,7 @@ def job_name(overrides: Iterable[str], swept: str | None, num: int | None,
         keep &= set(swept.split(","))
     keys = sorted(keep)
     short = _short_keys(keys)
-    name = capped(",".join(f"{_safe(short[k])}={_safe(_last_part(parsed[k]))}" for k in keys)) or "default"
+    name = capped(",".join(f"{safe(short[k])}={safe(_last_part(parsed[k]))}" for k in keys)) or "default"
     return name if num is None else f"{num}_{name}"
 
 

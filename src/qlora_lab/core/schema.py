@@ -161,8 +161,9 @@ class ModelConfig(Frozen):
     name: str = key(Effect.base)  # short name used in run names and W&B (e.g. "tiny", "phi4_mini")
     path: Optional[str] = key(Effect.base)  # hub id or local checkpoint directory; null for built models (model.build)
     # A transformers config dict to build a random-init model from (model=tiny, the benchmark shapes) instead of
-    # loading a checkpoint. Empty for hub/local checkpoints.
-    build: dict[str, Any] = key(Effect.base)
+    # loading a checkpoint. Empty for hub/local checkpoints. Open: its keys are the transformers config's of its
+    # model_type, checked against that config class before anything loads.
+    build: dict[str, Any] = key(Effect.base, open="the transformers config class of model.build.model_type")
     # A GGUF file (a path, or pkg:<python package>/<file>) converted once into the cache and loaded from there
     # instead of `path`: how a real pretrained model is had offline (model=smollm2_135m). null for the others.
     gguf: Optional[str] = key(Effect.base)

@@ -18,7 +18,7 @@ from qlora_lab.data import store
 from qlora_lab.data.batching import Collator
 from qlora_lab.data.packing import PackedRows, lengths_of, pack
 from qlora_lab.data.rows import check_size, split_eval
-from qlora_lab.data.tokenize import Example, Tokenized
+from qlora_lab.data.tokenize import Example, Tokenized, check_roles
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ def tokenized(spec: RunSpec, rows: list[dict[str, Any]], rows_fingerprint: str, 
     what truncation did is said, and a run it would leave with too few rows (data.max_dropped_fraction, or too
     few to split and batch) is refused here, before the weights load. Returns it with the store's metrics."""
     cfg = spec.cfg
+    check_roles(rows, tokenizer)
     settings = store.Settings(cfg.model.max_seq_len, cfg.data.mask_prompt, cfg.data.system_prompt, cfg.data.num_rows)
     cache = cfg.cache_dir if cfg.data.tokenize_cache else None
 

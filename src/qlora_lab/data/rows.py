@@ -1,10 +1,18 @@
 """Read the dataset's rows and check them, before any model loads (a bad row at line 9,000 should not cost a
-model load); hold some out for evaluation."""
+model load); hold some out for evaluation.
+
+What a row means is never guessed. A row is either a conversation (`messages`: each message's `role` and `content`)
+or a `prompt` and its `response`; a row with both, a `system` key beside prompt/response (a system turn belongs in
+`messages`, or in data.system_prompt for every row), a message's `weight` (every assistant turn trains) and a key
+that appears twice in one JSON object (a reader keeps the last, silently) are refused, each named by its row. Any
+other key is not read: the run says which, in how many rows (`ignored_keys`). Roles are checked against the chat
+template once the tokenizer is known (data/tokenize.py `check_roles`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from pathlib import Path
 from typing import Any, Sequence
@@ -12,7 +20,17 @@ from typing import Any, Sequence
 from qlora_lab.core.errors import DataError
 from qlora_lab.core.schema import DataConfig
 
+log = logging.getLogger(__name__)
+
 MAX_REPORTED = 10
+
+
+PAIR_KEYS, MESSAGES, MESSAGE_KEYS = ("prompt", "response"), "messages", ("role", "content")
+
+
+def _present(row: dict, key: str) -> bool:
+    """A key with a value (a datasets table of mixed rows gives every row every column, None where it had none)."""
+    return row.get(key) is not None
 
 
 def _row_problem(row: Any) -> str | None:
@@ -20,7 +38,10 @@ def _row_problem(row: Any) -> str | None:
         return "is a list, not a JSON object (a JSON array file? write one object per line: jq -c '.[]' in.json)"
     if not isinstance(row, dict):
         return f"is a {type(row).__name__}, not a JSON object"
-    if "messages" in row:
+    if _present(row, MESSAGES) and any(_present(row, k) for k in PAIR_KEYS):
+        return ("has both 'messages' and 'prompt'/'response', two forms of one example; keep one (the prompt as a "
+                "user turn and the response as an assistant turn in 'messages', or the pair alone)")
+    if _present(row, MESSAGES):
         msgs = row["messages"]
         if not isinstance(msgs, list) or not msgs:
             return "has 'messages' that is not a non-empty list"
@@ -28,9 +49,15 @@ def _row_problem(row: Any) -> str | None:
             if not isinstance(msg, dict) or not isinstance(msg.get("role"), str) \
                     or not isinstance(msg.get("content"), str):
                 return f"message {j} is not an object with string 'role' and 'content'"
+            if _present(msg, "weight"):
+                return (f"message {j} has a 'weight', which is not read (every assistant turn trains); drop it, and "
+                        "remove the turns that should not train")
         if not any(msg["role"] == "assistant" and msg["content"].strip() for msg in msgs):
             return "has no non-empty assistant message to learn from"
         return None
+    if _present(row, "system"):
+        return ("has a 'system' key beside 'prompt'/'response', which such rows do not read; write the row as "
+                "'messages' with a system turn first, or set data.system_prompt for every row")
     missing = [k for k in ("prompt", "response") if k not in row]
     if missing:
         return f"lacks {' and '.join(repr(k) for k in missing)} (expected 'prompt'+'response' or 'messages'; " \
@@ -44,7 +71,8 @@ def _row_problem(row: Any) -> str | None:
 
 
 def check_rows(rows: list[Any], where: str) -> None:
-    """Raise DataError naming every bad row (up to MAX_REPORTED) of `rows` read from `where`."""
+    """Raise DataError naming every bad row (up to MAX_REPORTED) of `rows` read from `where`; say which keys the
+    good rows hold that nothing reads."""
     if not rows:
         raise DataError(f"{where} has no rows; give a dataset with at least one prompt/response row")
     bad = [(i, why) for i, row in enumerate(rows) if (why := _row_problem(row))]
@@ -52,6 +80,37 @@ def check_rows(rows: list[Any], where: str) -> None:
         lines = "\n".join(f"  - row {i + 1} {why}" for i, why in bad[:MAX_REPORTED])
         more = f"\n  ... and {len(bad) - MAX_REPORTED} more" if len(bad) > MAX_REPORTED else ""
         raise DataError(f"{len(bad)} bad row(s) in {where} (rows counted from 1):\n{lines}{more}")
+    ignored = ignored_keys(rows)
+    if ignored:
+        log.warning(f"data: {where}: keys not read, ignored: "
+                    + ", ".join(f"{k!r} ({n:,} row{'s' if n > 1 else ''})" for k, n in ignored.items())
+                    + "; a row is read as 'prompt'+'response' or as 'messages' (each message's 'role' and 'content')")
+
+
+def ignored_keys(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Keys of `rows` (and of their messages, as `messages[].key`) that nothing reads, with how many rows hold each."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        keys = {k for k in row if _present(row, k) and k not in (*PAIR_KEYS, MESSAGES)}
+        for msg in row.get(MESSAGES) or []:
+            keys |= {f"messages[].{k}" for k in msg if _present(msg, k) and k not in MESSAGE_KEYS}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook that refuses a key given twice (the standard reader keeps the last, silently)."""
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
 
 
 # Files that are not text at all: named by their first bytes, instead of "line 1 is not valid UTF-8".
@@ -77,7 +136,11 @@ def _read_jsonl(path: Path) -> list[Any]:
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                rows.append(json.loads(line, object_pairs_hook=_unique_keys))
+            except _DuplicateKey as e:
+                raise DataError(f"{path}: line {n} has the key {e.args[0]!r} twice in one object; a JSON reader keeps "
+                                "the last one without a word, so which one trains would be an accident: keep one") \
+                    from None
             except json.JSONDecodeError as e:
                 array = n == 1 and line.lstrip().startswith("[")
                 raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one object"

@@ -5,8 +5,9 @@ every later run and sweep job whose inputs are the same.
 The key changes whenever the result could: the rows, the tokenizer's whole serialized state, its chat template and
 special tokens, model.max_seq_len, data.mask_prompt, data.system_prompt, data.num_rows, and the code of the
 `tokenize_row` in use (looked up when the key is made, so a replaced or edited one never meets a store the old one
-wrote). A store is written into a temporary directory beside its place and renamed there whole; one without its
-`store.json` (a killed run's leftovers, a damaged copy) is never read.
+wrote). A store is built by one process at a time (core/paths.py `building`: others wait, then read it), written
+into a temporary directory beside its place and renamed there whole; one without its `store.json` (a killed run's
+leftovers, a damaged copy) is never read, and a killed builder's temporary directory is removed by the next.
 
 Downstream nothing materialises every example: `ExampleView` builds one `Example` from its Arrow row on demand,
 and `split_eval` and packing work on indices and the stored `length` column.
@@ -28,7 +29,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from qlora_lab.core.errors import DataError
-from qlora_lab.core.paths import written_into_place
+from qlora_lab.core.paths import building, written_into_place
 from qlora_lab.data import tokenize
 from qlora_lab.data.tokenize import Example, Tokenized
 
@@ -213,11 +214,23 @@ def load_or_build(rows: list[dict[str, Any]], rows_fingerprint: str, tokenizer, 
         built = build(rows, tokenizer, s, procs)
         return Outcome(built, key, None, False, time.perf_counter() - t0, procs, hooked)
     target = Path(cache_dir).expanduser().resolve() / "tokenized" / key
-    if target.exists():
-        ds = _valid(target, key, len(rows))
+    ds = _valid(target, key, len(rows)) if target.exists() else None
+    if ds is not None:
+        return Outcome(ds, key, target, True, time.perf_counter() - t0, 0, False)
+    with building(target):  # one process builds it; another that waited finds it whole
+        ds = _valid(target, key, len(rows)) if target.exists() else None
         if ds is not None:
             return Outcome(ds, key, target, True, time.perf_counter() - t0, 0, False)
         shutil.rmtree(target, ignore_errors=True)  # only a whole store is renamed into place: this one broke later
+        _write(rows, tokenizer, s, procs, target, key)
+    ds = _valid(target, key, len(rows))
+    if ds is None:
+        raise DataError(f"the tokenized store {target} could not be read back after writing it; remove it and "
+                        "run again, or set data.tokenize_cache=false")
+    return Outcome(ds, key, target, False, time.perf_counter() - t0, procs, False)
+
+
+def _write(rows: list[dict[str, Any]], tokenizer, s: Settings, procs: int, target: Path, key: str) -> None:
     with written_into_place(target, whole=MARKER) as tmp:
         built = build(rows, tokenizer, s, procs, work_dir=tmp / "work")
         with _quiet():
@@ -225,11 +238,6 @@ def load_or_build(rows: list[dict[str, Any]], rows_fingerprint: str, tokenizer, 
         del built
         shutil.rmtree(tmp / "work", ignore_errors=True)
         (tmp / MARKER).write_text(json.dumps({"key": key, "rows": len(rows), "format": FORMAT}))
-    ds = _valid(target, key, len(rows))
-    if ds is None:
-        raise DataError(f"the tokenized store {target} could not be read back after writing it; remove it and "
-                        "run again, or set data.tokenize_cache=false")
-    return Outcome(ds, key, target, False, time.perf_counter() - t0, procs, False)
 
 
 class ExampleView(Sequence):

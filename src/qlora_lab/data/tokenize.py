@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -72,13 +73,40 @@ class Tokenized:
 
 def to_messages(row: dict[str, Any], system_prompt: str | None = None) -> list[dict[str, str]]:
     """The row as chat messages; `system_prompt` (data.system_prompt) opens a conversation that has no system turn."""
-    if "messages" in row:
+    if row.get("messages") is not None:
         messages = [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
     else:
         messages = [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["response"]}]
     if system_prompt is not None and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+STANDARD_ROLES = ("system", "user", "assistant")
+
+
+def template_roles(template: str | None) -> set[str]:
+    """The roles a chat template knows: system, user and assistant, and every other role it names (a quoted word it
+    compares a message's role with, e.g. 'tool' or 'ipython')."""
+    named = set(re.findall(r"""role['"]?\]?\s*==\s*['"]([\w-]+)['"]""", template or ""))
+    named |= set(re.findall(r"""['"]([\w-]+)['"]\s*==\s*(?:message|m|msg)\b""", template or ""))
+    return set(STANDARD_ROLES) | named
+
+
+def check_roles(rows: list[dict[str, Any]], tokenizer) -> None:
+    """Refuse conversations with a role the chat template does not know (`human`, `gpt` from a ShareGPT export): a
+    template that writes any role as text would train on `<|human|>` as words, one that only knows its own would
+    drop or misplace the turn, and prompt masking trains on `assistant` turns alone."""
+    known = template_roles(getattr(tokenizer, "chat_template", None))
+    unknown: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        for msg in row.get("messages") or []:
+            if msg["role"] not in known:
+                unknown.setdefault(msg["role"], []).append(i)
+    if unknown:
+        lines = "; ".join(f"role {r!r} in {_rows(sorted(set(ix)))}" for r, ix in unknown.items())
+        raise DataError(f"{lines}: not a role the chat template knows ({', '.join(sorted(known))}); rename it "
+                        "(ShareGPT's human/gpt are user/assistant), or use a tokenizer whose chat template has it")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -91,7 +119,7 @@ def tokenize_row(row: dict[str, Any], index: int, tokenizer, max_len: int, mask_
     """Render one row with the chat template; label only the assistant turns when `mask_prompt`."""
     messages = to_messages(row, system_prompt)
     if tokenizer.chat_template is None:
-        if "messages" in row:
+        if row.get("messages") is not None:
             raise DataError("the dataset has 'messages' rows but the tokenizer has no chat template; "
                             "use a chat/instruct model's tokenizer or give prompt/response rows")
         prompt = _encode(tokenizer, row["prompt"])

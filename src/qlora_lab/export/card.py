@@ -1,5 +1,6 @@
 """What an export says about itself: export.json (read back by --check-only) and the model card README.md (the run's
-config, metrics and provenance, which base was merged into, and the check's numbers)."""
+config, metrics and provenance, which base was merged into, and the check's numbers). Both are records: scrubbed of
+credentials as every record is (core/scrub.py); a model card is made to be published."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from qlora_lab.core.errors import BadFile
+from qlora_lab.core.files import read_json
+from qlora_lab.core.scrub import scrub, scrub_text
 from qlora_lab.export.inputs import Base, RunRecord
 
 MANIFEST = "export.json"
@@ -25,8 +29,18 @@ def manifest(rec: RunRecord, base: Base, args, dtype: str, file: str | None, dig
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
+MANIFEST_KEYS = ("format", "file", "dtype", "adapter_sha256", "base_arg", "merge_into")
+
+
 def read_manifest(export_dir: Path) -> dict[str, Any]:
-    return json.loads((export_dir / MANIFEST).read_text())
+    """export.json as write_manifest wrote it; BadFile (one line, the fix) if it is not JSON or lacks a key."""
+    path = export_dir / MANIFEST
+    fix = f"it is not an export.json qlora-lab wrote whole; export again with --overwrite --out {export_dir}"
+    data = read_json(path, fix)
+    missing = [k for k in MANIFEST_KEYS if not isinstance(data, dict) or k not in data]
+    if missing:
+        raise BadFile(f"{path} lacks {', '.join(missing)}; {fix}")
+    return data
 
 
 def base_sentence(rec: RunRecord, base: Base) -> str:
@@ -77,8 +91,8 @@ def write_card(out: Path, target: Path, rec: RunRecord, base: Base, fmt: str, dt
         f"- packages: {', '.join(f'{k} {v}' for k, v in (info.get('packages') or {}).items() if v)}", "",
         "## Config (resolved, as the run recorded it)", "", "```json",
         json.dumps(info.get("config", {}), indent=1), "```", ""]
-    (out / CARD).write_text("\n".join(lines))
+    (out / CARD).write_text(scrub_text("\n".join(lines)))
 
 
 def write_manifest(out: Path, data: dict[str, Any]) -> None:
-    (out / MANIFEST).write_text(json.dumps(data, indent=2))
+    (out / MANIFEST).write_text(json.dumps(scrub(data), indent=2))

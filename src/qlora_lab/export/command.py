@@ -14,6 +14,7 @@ The export is written beside its target and renamed into place only once its che
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import shutil
 import sys
@@ -23,9 +24,13 @@ from pathlib import Path
 
 import torch
 
+from qlora_lab.core import lock
+from qlora_lab.core.errors import BadFile, RunDirInUse
+from qlora_lab.core.scrub import scrub_text
 from qlora_lab.export import card, gguf, merge, serve, verify
 from qlora_lab.export.inputs import (EXPORT_DIR, Base, ExportError, RunRecord, adapter_digest, best_job,
                                      choose_base, read_run, target_problems)
+from qlora_lab.runner import rundir
 
 EXIT_REFUSED, EXIT_CHECK_FAILED = 2, 3
 
@@ -51,13 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def say(line: str, err: bool = False) -> None:
-    print(f"qlora-lab: export: {line}", file=sys.stderr if err else sys.stdout, flush=True)
+    """A console line, scrubbed of credentials as the run's console is (a path or a recorded command may hold one)."""
+    print(scrub_text(f"qlora-lab: export: {line}"), file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def main(args: argparse.Namespace) -> int:
     try:
         return _main(args)
-    except ExportError as e:
+    except (ExportError, BadFile) as e:  # BadFile: a record read back that is not what qlora-lab wrote
         say(str(e), err=True)
         return EXIT_REFUSED
     except gguf.ConversionError as e:  # an architecture or tokenizer llama.cpp does not know: nothing was placed
@@ -70,6 +76,21 @@ def _main(args: argparse.Namespace) -> int:
     if args.best:
         run_dir, key, value = best_job(args.run_dir, args.best)
         say(f"best job of {args.run_dir} by {key}: {run_dir.name} ({value:.4g})")
+    with contextlib.ExitStack() as stack:
+        if (run_dir / "run_info.json").is_file():  # a run (anything else: read_run says what it is)
+            # One writer per run dir: the export reads the adapter and writes into RUN_DIR/export/, so it holds the
+            # run dir's lock (runner/rundir.py) as a run does; a run training there could replace the adapter mid-read.
+            try:
+                stack.enter_context(rundir.hold(run_dir))
+            except RunDirInUse:
+                holder = lock.read(run_dir / rundir.LOCK)[0]
+                raise ExportError([f"{run_dir} is in use: another process writes there "
+                                   f"({holder.line() if holder else 'one that is taking it'}); export it once that "
+                                   "process ends (a run may replace its adapter while the export reads it)"]) from None
+        return _export(args, run_dir)
+
+
+def _export(args: argparse.Namespace, run_dir: Path) -> int:
     rec = read_run(run_dir)
     out = args.out or run_dir / EXPORT_DIR / args.to
     if args.check_only:

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from qlora_lab.configs import typed
+from qlora_lab.core.errors import BadFile
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.model.quantize import backend_of
 from qlora_lab.model.source import model_config
@@ -145,9 +146,13 @@ def read_run(run_dir: Path) -> RunRecord:
         problems.append(f"the run used lora.init={cfg.lora.init}, which rewrites the base weights when the adapter "
                         "is made, so its adapter is not a delta on the base it loaded; merging it is not supported "
                         "here (train with lora.init=default or gaussian)")
+    try:
+        summary = read_summary(run_dir) or {}
+    except BadFile as e:
+        problems.append(str(e))
     if problems:
         raise ExportError(problems)
-    return RunRecord(run_dir, info, cfg, read_summary(run_dir) or {}, adapter_config)
+    return RunRecord(run_dir, info, cfg, summary, adapter_config)
 
 
 def _adapter_file_problems(adapter: Path) -> list[str]:

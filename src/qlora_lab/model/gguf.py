@@ -14,7 +14,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from qlora_lab.core.paths import written_into_place
+from qlora_lab.core.paths import building, model_whole, rebuild, written_into_place
 
 PACKAGE_PREFIX = "pkg:"
 
@@ -38,17 +38,26 @@ def locate(spec: str) -> Path:
 def ensure_converted(spec: str, cache_dir: str | os.PathLike, name: str) -> Path:
     """Convert the GGUF file `spec` once into `<cache_dir>/<name>-<fingerprint>/` and return that directory.
 
-    The fingerprint covers the file's name and size, so another file converts anew. Written under a temporary
-    name and renamed into place, so concurrent sweep jobs never see half a checkpoint.
+    The fingerprint covers the file's name and size, so another file converts anew. Converted by one process at a
+    time (core/paths.py `building`), under a temporary name renamed into place, so concurrent sweep jobs convert it
+    once and never see half a checkpoint.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = locate(spec)
     tag = hashlib.sha256(f"{path.name}:{path.stat().st_size}".encode()).hexdigest()[:12]
     target = Path(cache_dir) / f"{name}-{tag}"
-    if (target / "config.json").exists():
+    if model_whole(target):
         return target
+    with building(target):
+        if not model_whole(target):  # (another process may have converted it while this one waited)
+            rebuild(target)
+            _convert(spec, path, target)
+    return target
+
+
+def _convert(spec: str, path: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     with written_into_place(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.bfloat16)
@@ -67,4 +76,3 @@ def ensure_converted(spec: str, cache_dir: str | os.PathLike, name: str) -> Path
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         del loaded, model
-    return target

@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from qlora_lab.core.paths import TINY_DATA, written_into_place
+from qlora_lab.core.paths import TINY_DATA, building, model_whole, rebuild, written_into_place
 
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 # Each message is "<|role|>content<|end|>"; a generation prompt opens an assistant turn. Because every turn
@@ -62,11 +62,11 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
     On CUDA the weights are drawn on the GPU in bf16 (a 8B-parameter shape in seconds, no host copy in fp32);
     on the CPU in fp32, as the tests pin.
 
-    The directory name carries a fingerprint of the recipe, so changing the shape builds a new one; it is
-    written under a temporary name and renamed into place, so concurrent sweep jobs never see half a model.
+    The directory name carries a fingerprint of the recipe, so changing the shape builds a new one; it is built by
+    one process at a time (core/paths.py `building`), under a temporary name renamed into place, so concurrent
+    sweep jobs build it once and never see half a model.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     build = dict(build)
     vocab_size = int(build.get("vocab_size", 512))
@@ -75,8 +75,19 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
     if device != "cpu":
         recipe["device"] = device
     target = Path(cache_dir) / f"{name}-{_fingerprint(recipe)}"
-    if (target / "config.json").exists():
+    if model_whole(target):
         return target
+    with building(target):
+        if not model_whole(target):  # (another process may have built it while this one waited)
+            rebuild(target)
+            _build(target, build, vocab_size, seed, device, dtype)
+    return target
+
+
+def _build(target: Path, build: dict[str, Any], vocab_size: int, seed: int, device: str, dtype) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     with written_into_place(target) as tmp:
         rows = [json.loads(line) for line in TINY_DATA.read_text(encoding="utf-8").splitlines() if line]
         # The tokenizer never needs more entries than the model has rows; large shapes get a small one
@@ -93,4 +104,3 @@ def ensure_built(build: dict[str, Any], cache_dir: str | os.PathLike, name: str,
         del model
         if device == "cuda":  # hand the build's blocks back: the run that follows measures its own memory
             torch.cuda.empty_cache()
-    return target

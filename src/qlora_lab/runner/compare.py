@@ -19,11 +19,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from qlora_lab.core.errors import BadFile
 from qlora_lab.evaluation.metrics import goal
+from qlora_lab.sinks.summary import read_summary
+
+log = logging.getLogger(__name__)
 
 HEAD = ["summary/status", "summary/final_loss", "summary/eval_loss"]
 TAIL = ["summary/tokens_per_s", "summary/peak_memory_gib", "summary/overhead_s"]
@@ -40,23 +45,46 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
 
 
 def _overrides(job_dir: Path) -> list[str]:
+    """The job's command-line overrides as Hydra recorded them (plain YAML, read without object tags); [] when
+    there are none or the file is not such a list (the job is then labelled by its dir's name alone)."""
     import yaml
 
     path = job_dir / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(path.read_text()) or []) if path.is_file() else []
+    try:
+        found = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else []
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        log.warning(f"{path} is not YAML ({type(e).__name__}); the job is labelled by its dir's name alone")
+        return []
+    return [str(o) for o in found] if isinstance(found, list) else []
+
+
+def _curve(metrics: Path) -> list[tuple[int, float]]:
+    """(step, train loss) from metrics.jsonl; a line cut short by a killed job is passed over."""
+    curve = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+                if rec.get("train/loss") is not None:
+                    curve.append((int(rec["step"]), rec["train/loss"]))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                continue
+    return curve
 
 
 def load_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Every job dir with a summary.json; a job whose summary.json is not JSON is left out, said in one line."""
     jobs = []
     for job_dir in sorted(p for p in sweep_dir.iterdir() if p.is_dir() and (p / "summary.json").is_file()):
-        summary = json.loads((job_dir / "summary.json").read_text())
-        metrics = job_dir / "metrics.jsonl"
-        curve = []
-        if metrics.is_file():
-            for line in metrics.read_text().splitlines():
-                rec = json.loads(line)
-                if rec.get("train/loss") is not None:
-                    curve.append((rec["step"], rec["train/loss"]))
+        try:
+            summary = read_summary(job_dir)
+        except BadFile as e:
+            log.warning(f"{job_dir.name} left out: {e}")
+            continue
+        if not isinstance(summary, dict):
+            log.warning(f"{job_dir.name} left out: {job_dir / 'summary.json'} holds no summary")
+            continue
+        curve = _curve(job_dir / "metrics.jsonl")
         jobs.append({"name": job_dir.name, "overrides": _overrides(job_dir), "summary": summary, "curve": curve})
     return jobs
 

@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.configs import key_table, typed
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.dtypes import torch_dtype
+from qlora_lab.core.errors import RunDirInUse
 from qlora_lab.core.effects import declared
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
@@ -43,6 +44,7 @@ from qlora_lab.memory.readings import PhaseReadings, reset_peak
 from qlora_lab.model import build_group, model_source
 from qlora_lab.model.attention import packed_path
 from qlora_lab.model.grouped import JobView, save_job_adapter, unsupported
+from qlora_lab.runner import rundir
 from qlora_lab.runner import run as run_mod
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
@@ -51,6 +53,7 @@ from qlora_lab.train import checkpoint
 from qlora_lab.train.evaluate import Evaluator
 from qlora_lab.train.loop import GroupMember, Job, train_group
 from qlora_lab.train.optim import total_steps
+from qlora_lab.train.signals import SignalsRaise
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +190,13 @@ class Member:
 def run_group(entries: list[Entry]) -> None:
     """Train the jobs of one group in this process; each records its own ending (summary.json) and nothing raised
     by one job stops another."""
+    # SIGTERM while loading or saving (a sweep stopped by Ctrl-C sends it) raises KeyboardInterrupt, recorded in every
+    # job like Ctrl-C, as run() does; its default would end the process without a word, no job's summary written.
+    with SignalsRaise():
+        _run_group(entries)
+
+
+def _run_group(entries: list[Entry]) -> None:
     timeline = Timeline()
     timeline.mark("launch")
     members = []
@@ -200,14 +210,26 @@ def run_group(entries: list[Entry]) -> None:
             log.error(f"{cfg.run_name}: {exc}")
             continue
         members.append(Member(spec, Path(spec.cfg.output_dir), f"j{i}"))
-    if not members:
-        return
-    _settle_plan(members)
     with contextlib.ExitStack() as stack:
+        members = [m for m in members if _hold(stack, m)]  # one writer per run dir: each job's lock, in this process
+        if not members:
+            return
+        _settle_plan(members)
         for m in members:
             m.out_dir.mkdir(parents=True, exist_ok=True)
             m.records = stack.enter_context(run_mod.recorded(m.spec, m.out_dir, Dist(), timeline))
         _train(members, timeline)
+
+
+def _hold(stack: contextlib.ExitStack, m: Member) -> bool:
+    """Take `m`'s run dir lock for the group's life; a dir another process writes is left alone (its records are
+    that process's) and the job is dropped from the group."""
+    try:
+        stack.enter_context(rundir.hold(m.out_dir))
+        return True
+    except RunDirInUse as exc:
+        log.error(f"{m.spec.cfg.run_name}: {exc}")
+        return False
 
 
 def _settle_plan(members: list[Member]) -> None:
@@ -249,6 +271,7 @@ def _train(members: list[Member], timeline: Timeline) -> None:
         m.records.own = m.records.own or m.resume is None
         if m.resume and m.resume.ckpt:
             m.records.out_dir = m.out_dir = checkpoint.run_dir_of(m.resume.ckpt)
+            m.records.held.enter_context(rundir.hold(m.out_dir))
     check_size(len(rows), cfg.data, int(cfg.data.micro_batch_size), 1)
     run_mod.seed_everything(cfg.seed)
     for m in members:

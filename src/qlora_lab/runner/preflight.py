@@ -22,6 +22,7 @@ from qlora_lab.core.errors import ConfigError, RunDirInUse
 from qlora_lab.core.schema import ModelConfig, TrainConfig
 from qlora_lab.model import quantize
 from qlora_lab.model.gguf import locate
+from qlora_lab.model.source import build_problems
 from qlora_lab.runner.rundir import not_writable, reuse_problem
 
 # Files that make a directory a loadable checkpoint (transformers' names).
@@ -134,7 +135,10 @@ def model_dir_problems(m: ModelConfig, train: bool = True) -> list[str]:
         return [f"{where} is a file; give the directory that holds config.json, the tokenizer and the weights"]
     adapter = local / "adapter_config.json"
     if adapter.is_file() and not (local / "config.json").is_file():  # a run's adapter/ dir, taken for a model
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        try:
+            base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        except (ValueError, AttributeError):  # the adapter's own config, damaged: what it is still holds
+            base = None
         return [f"{where} is a LoRA adapter (adapter_config.json), not a model; set model.path to its base model"
                 + (f" ({base})" if base else "") + ", and to train this adapter on, resume from its run "
                 "(resume=<run dir>)"]
@@ -161,7 +165,9 @@ def _device(cfg: TrainConfig) -> tuple[str, list[str]]:
 
 def _model(cfg: TrainConfig) -> list[str]:
     m, p = cfg.model, []
-    if m.build or not m.path:  # a built model; an empty path is core.checks'
+    if m.build:  # a built model: its keys are its transformers config's
+        return build_problems(dict(m.build))
+    if not m.path:  # an empty path is core.checks'
         return p
     if m.gguf:  # converted from the GGUF file into the cache; model.path is not read
         try:
@@ -173,11 +179,16 @@ def _model(cfg: TrainConfig) -> list[str]:
     if looks_local(m.path) or local.exists():
         p += model_dir_problems(m, train=cfg.mode == "train")
         config_json = local / "config.json"
-        if config_json.is_file():
-            max_pos = json.loads(config_json.read_text()).get("max_position_embeddings")
-            if max_pos is not None and m.max_seq_len > max_pos:
-                p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
-                         f"set model.max_seq_len<={max_pos}")
+        try:
+            max_pos = json.loads(config_json.read_text()).get("max_position_embeddings") \
+                if config_json.is_file() else None
+        except (ValueError, AttributeError) as e:
+            p.append(f"model.path={m.path}: its config.json is not a JSON object ({type(e).__name__}: "
+                     f"{str(e)[:100]}); copy or download the checkpoint again")
+            max_pos = None
+        if max_pos is not None and m.max_seq_len > max_pos:
+            p.append(f"model.max_seq_len={m.max_seq_len} exceeds the model's max_position_embeddings={max_pos}; "
+                     f"set model.max_seq_len<={max_pos}")
     elif cfg.mode == "train" and not _hub_model_cached(m.path) and not hub_reachable():
         p.append(f"model.path={m.path} is not in the local Hugging Face cache and {_hub_host()[0]} cannot be "
                  f"reached; on a machine with access run `hf download {m.path}` and copy the cache (HF_HOME), or "

@@ -15,7 +15,7 @@ constraints, each for a reason:
 from __future__ import annotations
 
 import contextlib
-import json
+import dataclasses
 import logging
 import multiprocessing
 import random
@@ -29,14 +29,14 @@ import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_lab import sinks
+from qlora_lab import closed, sinks
 from qlora_lab.configs import key_table
 from qlora_lab.core import dist as dist_mod
 from qlora_lab.core.checks import missing_problems
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.dtypes import torch_dtype
 from qlora_lab.core.effects import declared
-from qlora_lab.core.errors import ConfigError, OutputError, Status, TrainingInterrupted
+from qlora_lab.core.errors import CheckpointError, ConfigError, OutputError, Status, TrainingInterrupted
 from qlora_lab.core.flat import flatten
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
@@ -52,6 +52,7 @@ from qlora_lab.model.attention import packed_path
 from qlora_lab.model.prepare import set_modes
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
+from qlora_lab.runner import rundir
 from qlora_lab.runner.rundir import check_steps_left, describe, finished_run, held_run, move_aside
 from qlora_lab.sinks.jsonl import JsonlSink
 from qlora_lab.sinks.logger import MetricLogger
@@ -146,7 +147,7 @@ def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist)
     ckpt = checkpoint.find(cfg.resume, out_dir)
     allowed = []
     if ckpt is not None:
-        saved = json.loads((ckpt / "config.json").read_text())["config"]
+        saved = checkpoint.saved(ckpt, "config.json")["config"]
         for key in PLANNED:  # what the plan chose is what the run continues with, not what it would choose today
             if spec.resolved.get(key, [None])[0] == "auto" and get_key(saved, key) is not None:
                 spec = spec.evolve(key, get_key(saved, key))
@@ -158,6 +159,11 @@ def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist)
                      "optim.max_steps asks for no more; nothing to continue, nothing changed (raise optim.max_steps "
                      "to train on, or start again with overwrite=true)")
         return spec, Resume(ckpt, 0, allowed, {}, done=done)
+    if ckpt is None and checkpoint.all_checkpoints(out_dir):  # it saved some, none is whole: never start it over
+        damaged = "; ".join(f"{p.name} {checkpoint.verify(p)}" for p in checkpoint.all_checkpoints(out_dir))
+        raise CheckpointError(f"resume=auto: {out_dir} holds {describe(out_dir)} whose checkpoints are all damaged "
+                              f"({damaged}); restarting it from step 0 would replace it: start again in another dir "
+                              "(hydra.run.dir=<new dir>) or replace it with overwrite=true")
     if ckpt is None:
         held = bool(held_run(out_dir))
         if dist.main:
@@ -167,7 +173,8 @@ def find_resume(spec: RunSpec, out_dir: Path, data_fingerprint: str, dist: Dist)
                         "no earlier run there, starting from step 0 (to continue one, give its dir: "
                         "hydra.run.dir=<run dir>)"))
         return spec, Resume(None, 0, [], recorded_sink_ids(out_dir)) if held else None
-    trainer = json.loads((ckpt / "trainer_state.json").read_text())["trainer"]
+    checkpoint.readable(ckpt)  # every file, before anything of the run is touched (a bad one: BadFile, one line)
+    trainer = checkpoint.saved(ckpt, "trainer_state.json")["trainer"]
     return spec, Resume(ckpt, checkpoint.step_of(ckpt), allowed, sink_ids_of(trainer))
 
 
@@ -175,8 +182,11 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     """Train (or plan) one run described by `cfg`; returns its summary metrics."""
     timeline = Timeline()
     timeline.mark("launch")  # the interpreter's start, imports, Hydra's composition
-    if isinstance(cfg, DictConfig) and OmegaConf.missing_keys(cfg):  # `???` left in a YAML: say which, not a trace
-        raise ConfigError(missing_problems(sorted(OmegaConf.missing_keys(cfg))))
+    if isinstance(cfg, DictConfig):  # a key the schema lacks (`+lora.rank=64`), `???` left in a YAML: say which
+        problems = closed.problems(cfg) + (missing_problems(sorted(OmegaConf.missing_keys(cfg)))
+                                           if OmegaConf.missing_keys(cfg) else [])
+        if problems:
+            raise ConfigError(problems)
     tcfg: TrainConfig = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     device = validate(tcfg)  # every problem that can be found without a model, all at once
     spec, ledger, budget = resolve_spec(tcfg, device, list(overrides or []))
@@ -195,7 +205,9 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
         return out
     dist = dist_mod.setup(spec.cfg.distributed, device)
     try:
-        with SignalsRaise():  # SIGTERM while loading or saving is recorded like Ctrl-C, not a silent exit
+        # SIGTERM while loading or saving is recorded like Ctrl-C, not a silent exit. One writer per run dir: rank 0
+        # holds its lock (train.py's took it before Hydra wrote there; another process holding it: RunDirInUse).
+        with SignalsRaise(), rundir.hold(spec.cfg.output_dir) if dist.main else contextlib.nullcontext():
             return _train_run(spec, ledger, budget, dist, timeline)
     finally:
         dist_mod.teardown(dist)
@@ -211,6 +223,7 @@ class Records:
     own: bool
     loading: bool = False
     logger: MetricLogger | None = None
+    held: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)  # run dirs' locks
 
 
 @contextlib.contextmanager
@@ -231,6 +244,7 @@ def recorded(spec: RunSpec, out_dir: Path, dist: Dist, timeline: Timeline) -> It
             raise
         raise failure from e
     finally:
+        rec.held.close()
         if rec.logger is not None:
             rec.logger.close()
             if dist.main:  # after the summary: the sinks' close is the one span the summary cannot hold
@@ -270,6 +284,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
         check_size(len(rows), cfg.data, micro_batch, dist.world)
         if resume and resume.ckpt:  # training continues in the checkpoint's run dir (resume=<path> may name another)
             rec.out_dir = out_dir = checkpoint.run_dir_of(resume.ckpt)
+            if dist.main:  # whose lock this process then holds too
+                rec.held.enter_context(rundir.hold(out_dir))
         seed_everything(cfg.seed)
         rec.loading = True
         timeline.mark("read_data")

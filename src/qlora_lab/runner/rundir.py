@@ -3,12 +3,18 @@ the Hydra callback that guards run and sweep dirs before Hydra writes its own re
 
 A dir "holds a run" when it has a file a run writes (`RUN_FILES`), not when it merely exists: Hydra creates the run
 dir and its `.hydra/` before any of our code runs, and a run dir named on the command line may exist and be empty.
+
+One process writes a run dir at a time: the first to open it holds its lock file (`.lock`, core/lock.py: pid,
+host, start time), taken before Hydra writes `.hydra/` into it, and a second is refused naming the holder. A
+default (time-stamped) run or sweep dir that another launch of the same second took gets a suffix instead
+(`<time>_<name>-2`). Under the lock, what a killed writer left half-done is cleaned (`clean_leftovers`).
 """
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -19,9 +25,13 @@ from hydra.conf import HydraConf
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from qlora_lab.core.dist import launched_rank
-from qlora_lab.core.errors import CheckpointError, Status
+from qlora_lab import closed
+from qlora_lab.core import lock
+from qlora_lab.core.dist import launched_rank, launched_world_size
+from qlora_lab.core.errors import CheckpointError, RunDirInUse, Status
+from qlora_lab.core.resolvers import safe
 from qlora_lab.core.schema import OptimConfig
+from qlora_lab.core.scrub import scrub_text
 from qlora_lab.sinks.summary import read_summary
 
 log = logging.getLogger(__name__)
@@ -32,8 +42,9 @@ HYDRA = ".hydra"
 # Where Hydra writes its record of a command into a dir that already holds a run, so the run's own record stays
 # until we know whether the command replaces the run (overwrite), continues it (resume) or is refused.
 HYDRA_NEW = ".hydra.new"
-# Files of the current launch, never part of the old run: Hydra's job log and a sweep job's config.
-LAUNCH_FILES = (HYDRA_NEW, "train.log", "job_config.json", REPLACED)
+LOCK = ".lock"  # the run dir's lock file (core/lock.py): who writes this run dir now
+# Files of the current launch, never part of the old run: Hydra's job log, a sweep job's config, the lock.
+LAUNCH_FILES = (HYDRA_NEW, "train.log", "job_config.json", REPLACED, LOCK, LOCK + ".break")
 
 # What on_run_start saw, for train.py's clean-up after a failure: {"dir": str, "existed": bool, "before": the names
 # in the dir before the launch}.
@@ -160,6 +171,7 @@ def forget_launch(run_dir: Path, refused: bool = False) -> None:
     """A command that failed: a run that started keeps its dir as its record; a command that wrote nothing of a run
     (a config problem) or was `refused` (the dir holds another run) has Hydra's files for it removed, and the dir
     too if the launch created it, so nothing is left behind that looks like a run."""
+    lock.release(run_dir / LOCK)
     if refused:
         shutil.rmtree(run_dir / HYDRA_NEW, ignore_errors=True)
     settle_hydra_record(run_dir)
@@ -176,6 +188,80 @@ def forget_launch(run_dir: Path, refused: bool = False) -> None:
             run_dir.rmdir()  # only if nothing else is in it
         except OSError:
             pass
+
+
+def hold(run_dir: Path | str) -> contextlib.AbstractContextManager:
+    """Hold `run_dir`'s lock for the block (re-entrant: a process that holds it already goes on); another live
+    process holding it: RunDirInUse naming it. Whatever a killed writer left half-done there is cleaned."""
+    return _held(Path(run_dir))
+
+
+@contextlib.contextmanager
+def _held(run_dir: Path):
+    try:
+        lock.acquire(run_dir / LOCK, f"the run dir {run_dir}")
+    except lock.LockHeld as e:
+        raise RunDirInUse([in_use(run_dir, e)]) from None
+    try:
+        clean_leftovers(run_dir)
+        yield
+    finally:
+        lock.release(run_dir / LOCK)
+
+
+def in_use(run_dir: Path, e: lock.LockHeld, key: str = "hydra.run.dir") -> str:
+    who = e.holder.line() if e.holder else "a process that is taking it"
+    return (f"{run_dir} is in use: another {'sweep' if 'sweep' in key else 'run'} writes there ({who}); wait for it "
+            f"to end, or give this one another dir ({key}=<new dir>); a lock whose process is gone is taken over by "
+            "the next one to start")
+
+
+def clean_leftovers(run_dir: Path) -> list[str]:
+    """What a killed writer of `run_dir` left half-done (the caller holds the run dir's lock, so no live process is
+    writing them): checkpoints being written (`checkpoints/.tmp-step_*`), an adapter being replaced, a summary or
+    metrics file being rewritten. An adapter killed between its two renames is put back. Returns what was removed."""
+    removed = []
+    adapter, old = run_dir / "adapter", run_dir / ".adapter.old"
+    if old.is_dir() and not adapter.exists():  # killed after moving the old adapter aside: the old one stands
+        os.replace(old, adapter)
+    leftovers = [*run_dir.glob(".*.tmp"), *run_dir.glob(".adapter.old"), *(run_dir / "checkpoints").glob(".tmp-*")]
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        removed.append(str(p.relative_to(run_dir)))
+    if removed:
+        log.info(f"{run_dir}: removed what a killed run left half-written: {', '.join(sorted(removed))}")
+    return removed
+
+
+def _timestamped(node: DictConfig, key: str) -> bool:
+    """Whether the dir `key` of a Hydra node is the default kind, named by the launch time (not one a user fixed)."""
+    raw = str(OmegaConf.to_container(node, resolve=False).get(key, ""))
+    return "${qlab.launch_time:" in raw or "${now:" in raw
+
+
+def claim_new(path: Path) -> Path:
+    """A dir named like `path` that this process created: `path`, else `path-2`, `path-3`, ... (two launches in the
+    same second would otherwise share a time-stamped dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = 1
+    while True:
+        candidate = path if n == 1 else path.with_name(f"{path.name}-{n}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+def scrub_hydra_record(*paths: Path) -> None:
+    """Hydra's own records (`.hydra/*.yaml`, a sweep's multirun.yaml) with every credential redacted
+    (core/scrub.py): they hold the command line and the config as composed."""
+    for path in paths:
+        for f in ([*path.glob("*.yaml")] if path.is_dir() else [path] if path.is_file() else []):
+            text = f.read_text()
+            clean = scrub_text(text)
+            if clean != text:
+                f.write_text(clean)
 
 
 def _refuse(message: str) -> None:
@@ -211,7 +297,9 @@ except ImportError:  # pragma: no cover
 
 
 class RunDirGuard(Callback):
-    """Runs before Hydra creates the run dir and writes `.hydra/` into it (conf/hydra/default.yaml)."""
+    """Runs before Hydra creates the run dir and writes `.hydra/` into it (conf/hydra/default.yaml): the config's
+    keys are the schema's, the run dir is this process's alone, and Hydra's record of the command holds no
+    credential."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if launched_rank() > 0 or config.hydra.output_subdir is None:  # rank 0 alone writes the run dir
@@ -220,23 +308,87 @@ class RunDirGuard(Callback):
         # only when the job starts, after this callback; set it now, as the job will.
         if OmegaConf.get_type(config.hydra) is HydraConf:  # (a hand-made config in a test has none to set)
             HydraConfig.instance().set_config(config)
+        _refuse_unknown_keys(config, [])
+        _safe_job_name(config)
         raw = str(config.hydra.run.dir)
         why = _dir_problem("hydra.run.dir", raw)
         if why:
             _refuse(why)
         run_dir = Path(raw).absolute()
-        LAUNCH.update(dir=str(run_dir), existed=run_dir.is_dir(),
-                      before={p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set())
+        existed = run_dir.is_dir()
+        before = {p.name for p in run_dir.iterdir()} if existed else set()
+        if _timestamped(config.hydra.run, "dir") and launched_world_size() == 1:
+            run_dir = claim_new(run_dir)  # two launches of one second: each its own dir
+            existed, before = False, set()
+            with read_write(config.hydra), open_dict(config.hydra):
+                config.hydra.run.dir = str(run_dir)
+        try:
+            lock.acquire(run_dir / LOCK, f"the run dir {run_dir}")
+        except lock.LockHeld as e:
+            _refuse(in_use(run_dir, e))
+        LAUNCH.update(dir=str(run_dir), existed=existed, before=before)
         if held_run(run_dir):  # keep the run's own record until the command is known to replace it
             with read_write(config.hydra), open_dict(config.hydra):
                 config.hydra.output_subdir = HYDRA_NEW
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _refuse_unknown_keys(config, list(config.hydra.overrides.task))
+        _safe_job_name(config)
         raw = str(config.hydra.sweep.dir)
         why = _dir_problem("hydra.sweep.dir", raw)
         if why:
             _refuse(why)
+        sweep_dir = Path(raw)
+        if _timestamped(config.hydra.sweep, "dir") and config.get("mode") == "train":
+            sweep_dir = claim_new(sweep_dir.absolute())
+            _set_for_jobs(config, "hydra.sweep.dir", str(sweep_dir))
         if config.get("mode") == "train":
-            why = sweep_dir_problem(Path(raw), bool(config.sweep.resume), bool(config.get("overwrite")))
+            why = sweep_dir_problem(sweep_dir, bool(config.sweep.resume), bool(config.get("overwrite")))
             if why:
                 _refuse(why)
+            try:  # one sweep at a time in a sweep dir; each job's own dir is locked by the process that trains it
+                lock.acquire(sweep_dir.absolute() / LOCK, f"the sweep dir {sweep_dir}")
+            except lock.LockHeld as e:
+                _refuse(in_use(sweep_dir, e, "hydra.sweep.dir"))
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """After Hydra wrote its record of the job (and of the sweep): redact what is secret in it."""
+        hc = config.hydra
+        if hc.output_subdir is not None:
+            scrub_hydra_record(Path(hc.runtime.output_dir) / hc.output_subdir)
+        if str(hc.mode).endswith("MULTIRUN"):
+            scrub_hydra_record(Path(hc.sweep.dir) / "multirun.yaml")
+
+
+def _refuse_unknown_keys(config: DictConfig, overrides: list[str]) -> None:
+    """A key the schema lacks, from the command line (`+lora.rank=64`, swept or not) or a YAML: refused before
+    Hydra writes anything."""
+    choices = OmegaConf.select(config, "hydra.runtime.choices") or {}
+    problems = closed.problems(config) + closed.override_problems(overrides, choices.keys())
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        _refuse(f"{len(problems)} problem(s) in the config:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _safe_job_name(config: DictConfig) -> None:
+    """hydra.job.name names the job's log file (<run dir>/<job name>.log): a name with a path in it
+    (`hydra.job.name=../../x`) would write it elsewhere, so it is cut to what a file name may hold."""
+    name = str(config.hydra.job.name)
+    cleaned = safe_name(name)
+    if cleaned != name:
+        log.warning(f"hydra.job.name={name!r} is not a plain file name; the job log is {cleaned}.log")
+        _set_for_jobs(config, "hydra.job.name", cleaned)
+
+
+def _set_for_jobs(config: DictConfig, key: str, value: str) -> None:
+    """Set a Hydra key in `config` and in what a multirun composes each job from (its `hydra.overrides.hydra`:
+    Hydra composes every job anew from those, not from this config)."""
+    with read_write(config.hydra), open_dict(config.hydra):
+        OmegaConf.update(config, key, value)
+        if str(config.hydra.mode).endswith("MULTIRUN"):
+            config.hydra.overrides.hydra.append(f"{key}={value}")
+
+
+def safe_name(name: str) -> str:
+    """`name` as one path component (core/resolvers.py `safe`), `job` if nothing is left."""
+    return safe(name) or "job"

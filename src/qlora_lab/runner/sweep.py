@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -29,8 +30,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from qlora_lab.configs import typed
-from qlora_lab.core.errors import Status
+from qlora_lab.core.errors import BadFile, Status
+from qlora_lab.core.files import read_json
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
+from qlora_lab.core.scrub import restore, scrub, split_secrets
 from qlora_lab.model.source import model_config
 from qlora_lab.runner import fuse
 from qlora_lab.runner.run import run
@@ -70,7 +73,29 @@ def job_env(sweep_dir: Path) -> dict[str, str]:
 def _append(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as f:  # jobs of a parallel launcher append concurrently
         fcntl.flock(f, fcntl.LOCK_EX)
-        f.write(json.dumps(record, default=str) + "\n")
+        f.write(json.dumps(scrub(record), default=str) + "\n")
+
+
+# A job's config travels to its process in a file (job_config.json, group_<job>.json) with every credential
+# redacted (core/scrub.py); what the redaction replaced travels in this variable of the process's environment,
+# which no record holds, and is put back before the job runs: the job trains on exactly what it was given.
+SECRETS_ENV = "QLAB_JOB_CONFIG_SECRETS"
+
+
+def write_handoff(path: Path, container: dict[str, Any], env: dict[str, str]) -> None:
+    """`container` into `path` for a job's process, its credentials into that process's `env` instead."""
+    clean, secrets = split_secrets(container)
+    path.write_text(json.dumps(clean, default=str))
+    env.pop(SECRETS_ENV, None)
+    if secrets:
+        env[SECRETS_ENV] = json.dumps(secrets)
+
+
+def read_handoff(path: Path) -> dict[str, Any]:
+    """What `write_handoff` wrote, with its credentials back (taken out of this process's environment)."""
+    container = read_json(path, "it is not a job's config the sweep wrote whole; run the sweep again")
+    secrets = os.environ.pop(SECRETS_ENV, None)
+    return restore(container, json.loads(secrets)) if secrets else container
 
 
 def _take_gpu(lock_dir: Path, gpus: list[int] | None):
@@ -130,28 +155,56 @@ def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.conte
     jobs' environment, so that what the compiler reads at import (its cache settings) is the jobs'."""
     global _warm
     if _warm is None:
-        os.environ.update({**env, **NVML_CHECK})  # the server inherits this process's environment when it starts
+        # the server inherits this process's environment when it starts (a job's credentials are that job's alone)
+        os.environ.update({**{k: v for k, v in env.items() if k != SECRETS_ENV}, **NVML_CHECK})
         _warm = multiprocessing.get_context("forkserver")
         _warm.set_forkserver_preload(preload(cfg))
     return _warm
+
+
+# Ctrl-C reaches a sweep's main thread only; the launcher's threads (units side by side) wait on their jobs and never
+# see it. The main thread then calls stop_running: no job starts any more, and each running one gets SIGTERM.
+_stopping = threading.Event()
+_running: set["_Job"] = set()
+_running_lock = threading.Lock()
+
+
+def stop_running() -> None:
+    """Stop the sweep's jobs from another thread than the ones waiting on them: none starts any more, and each
+    running one is sent SIGTERM, on which it checkpoints and records itself interrupted (its waiting thread then
+    records it in the sweep's table as any job that ended)."""
+    with _running_lock:
+        _stopping.set()
+        for job in list(_running):
+            job.proc.terminate()
 
 
 class _Job:
     """A job's training process: forked from the warm process (sweep.warm_start) or a fresh interpreter."""
 
     def __init__(self, config_path: Path, env: dict[str, str], warm: DictConfig | None):
-        if warm is not None:
-            self.proc = _warm_context(warm, env).Process(target=_forked, args=(str(config_path), {**env, **NVML_CHECK},
-                                                                      os.getcwd()), name=config_path.parent.name)
-            self.proc.start()
-        else:
-            self.proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)], env=env)
+        with _running_lock:
+            if _stopping.is_set():
+                raise KeyboardInterrupt("the sweep is stopping: no job starts")
+            if warm is not None:
+                self.proc = _warm_context(warm, env).Process(
+                    target=_forked, args=(str(config_path), {**env, **NVML_CHECK}, os.getcwd()),
+                    name=config_path.parent.name)
+                self.proc.start()
+            else:
+                self.proc = subprocess.Popen([sys.executable, "-m", "qlora_lab.runner.sweep", str(config_path)],
+                                             env=env)
+            _running.add(self)
 
     def wait(self) -> None:
-        if isinstance(self.proc, subprocess.Popen):
-            self.proc.wait()
-        else:
-            self.proc.join()
+        try:
+            if isinstance(self.proc, subprocess.Popen):
+                self.proc.wait()
+            else:
+                self.proc.join()
+        finally:
+            with _running_lock:
+                _running.discard(self)
 
     def stop(self) -> None:
         self.proc.terminate()  # SIGTERM: the job records itself as interrupted
@@ -161,7 +214,7 @@ class _Job:
 def _child(config_path: Path) -> None:
     """The training process of one job (or of a fused group of jobs): a new process, so nothing of another job's
     memory is in it."""
-    container = json.loads(config_path.read_text())
+    container = read_handoff(config_path)
     if "group" in container:
         _group_child(container)
         return
@@ -203,9 +256,24 @@ def job_config(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
+def job_summary(job_dir: Path) -> dict[str, Any]:
+    """What a job's process left in its summary.json, or why there is nothing to read: one job's damaged or missing
+    summary is that job's failure, never the sweep's end."""
+    try:
+        summary = read_summary(job_dir)
+    except BadFile as e:
+        return {"summary/status": str(Status.failed), "summary/reason": str(e)}
+    return summary or {"summary/status": str(Status.failed), "summary/reason": "the job wrote no summary"}
+
+
 def finished_before(cfg: DictConfig, job_name: str) -> dict[str, Any] | None:
-    """sweep.resume: the summary of a job that finished in an earlier run of this sweep (it is skipped), else None."""
-    previous = read_summary(Path(cfg.output_dir))
+    """sweep.resume: the summary of a job that finished in an earlier run of this sweep (it is skipped), else None.
+    A summary.json that is not JSON is no finished job: the job runs, and its run says what is wrong."""
+    try:
+        previous = read_summary(Path(cfg.output_dir))
+    except BadFile as e:
+        log.warning(f"{job_name}: {e}")
+        return None
     if cfg.sweep.resume and previous and previous.get("summary/status") == Status.finished:
         log.info(f"{job_name}: finished in an earlier run of this sweep; skipped (sweep.resume=true)")
         return {**previous, "resumed": True}
@@ -219,10 +287,11 @@ def run_group(cfgs: list[DictConfig], overrides: list[list[str]], sweep_dir: Pat
     cfgs = [job_config(c) for c in cfgs]
     group = [{"config": OmegaConf.to_container(c, resolve=True), "overrides": o} for c, o in zip(cfgs, overrides)]
     path = sweep_dir / f"group_{names[0]}.json"
-    path.write_text(json.dumps({"group": group, "sweep_dir": str(sweep_dir)}, default=str))
+    env = job_env(sweep_dir)
+    write_handoff(path, {"group": group, "sweep_dir": str(sweep_dir)}, env)
     t0 = time.perf_counter()
     with start_lock:
-        job = _Job(path, job_env(sweep_dir), cfgs[0] if cfgs[0].sweep.warm_start else None)
+        job = _Job(path, env, cfgs[0] if cfgs[0].sweep.warm_start else None)
     try:
         job.wait()
     except KeyboardInterrupt:
@@ -233,8 +302,7 @@ def run_group(cfgs: list[DictConfig], overrides: list[list[str]], sweep_dir: Pat
     wall = time.perf_counter() - t0
     records = []
     for cfg, o, name in zip(cfgs, overrides, names):
-        record = read_summary(Path(cfg.output_dir)) or {"summary/status": str(Status.failed),
-                                                        "summary/reason": "the job wrote no summary"}
+        record = job_summary(Path(cfg.output_dir))
         record["job_wall_s"] = wall  # the group's: its jobs trained at once
         record["fused_with"] = [n for n in names if n != name]
         if record.get("summary/train_time_s") is not None:
@@ -275,9 +343,10 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
             # interpreter. multiprocessing's explicit forkserver context leaves launchers' own start methods alone.
             job_dir.mkdir(parents=True, exist_ok=True)
             config_path = job_dir / "job_config.json"
-            config_path.write_text(json.dumps({"config": container, "overrides": overrides}, default=str))
+            env = job_env(sweep_dir)
+            write_handoff(config_path, {"config": container, "overrides": overrides}, env)
             with start_lock:  # units side by side (sweep.max_parallel): one fork from the warm process at a time
-                job = _Job(config_path, job_env(sweep_dir), cfg if cfg.sweep.warm_start else None)
+                job = _Job(config_path, env, cfg if cfg.sweep.warm_start else None)
             try:
                 job.wait()
             except KeyboardInterrupt:
@@ -290,8 +359,7 @@ def run_job(cfg: DictConfig, overrides: list[str], sweep_dir: Path, job_name: st
                 run(cfg, overrides=overrides)
             except Exception as e:  # in-process: record and go on, as the isolated path does
                 record_failure(job_dir, e)
-        record = read_summary(job_dir) or {"summary/status": str(Status.failed),
-                                           "summary/reason": "the job wrote no summary"}
+        record = job_summary(job_dir)
         # The job as the sweep saw it, process start and exit included; overhead = all that was not its steps.
         record["job_wall_s"] = time.perf_counter() - t0
         if record.get("summary/train_time_s") is not None:
@@ -307,9 +375,13 @@ def report(sweep_dir: Path) -> tuple[str, int]:
     if not path.is_file():
         return "", 0
     latest: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        latest[rec["job"]] = rec
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        try:
+            rec = json.loads(line)
+            latest[str(rec["job"])] = rec
+        except (ValueError, KeyError, TypeError):  # a line cut short by a killed sweep, or not one of its records
+            log.warning(f"{path} line {n} is not a job's record (cut short by a killed sweep?); left out of the "
+                        "table")
     lines = [f"{'job':<40} {'status':<14} {'final loss':>10} {'peak GiB':>9} {'overhead s':>10}  reason"]
     bad = 0
     for job, rec in latest.items():

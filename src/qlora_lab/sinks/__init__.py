@@ -16,6 +16,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
+from qlora_lab.core.scrub import scrub, scrub_text
+
 
 @dataclass
 class RunRecord:
@@ -92,7 +94,10 @@ def machine_problems(logger: dict[str, Any]) -> list[str]:
 def open_sinks(logger: dict[str, Any], run: RunRecord, resume_ids: dict[str, str] | None = None
                ) -> list[tuple[str, Sink]]:
     """(name, sink) for each sink `logger` names, opened for `run`; on a resume (`resume_ids`: each sink's run id
-    from the checkpoint) each continues its own earlier run."""
+    from the checkpoint) each continues its own earlier run. What a sink is told is scrubbed of credentials first
+    (core/scrub.py); what it is given later goes through MetricLogger, which scrubs it too."""
+    run = replace(run, name=scrub_text(run.name), group=scrub_text(run.group) if run.group else None,
+                  tags=scrub(list(run.tags)), config=scrub(run.config), history=scrub(list(run.history)))
     sinks = []
     for name, cfg in logger.items():
         record = run if resume_ids is None else replace(run, resume_id=resume_ids.get(name), resuming=True)

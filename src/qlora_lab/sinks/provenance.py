@@ -1,4 +1,5 @@
-"""run_info.json: what it takes to re-create a run (command, resolved config, code, environment, data)."""
+"""run_info.json: what it takes to re-create a run (command, resolved config, code, environment, data); never a
+credential (core/scrub.py: redacted, so a re-created run takes it from the environment again)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 
+from qlora_lab.core.files import read_json
+from qlora_lab.core.scrub import scrub, scrub_text
 from qlora_lab.core.spec import RunSpec
 
 CHECKOUT = Path(__file__).resolve().parents[3]  # src/qlora_lab/sinks/ -> the repository (an editable install)
@@ -74,12 +77,12 @@ def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, mo
     resolved one (what ran); `resolved` says which values were `auto` and what they became; `sink_ids` (each
     sink's run id) let a restart before the first checkpoint continue the same runs. A restart keeps the earlier `resumes`."""
     path = out_dir / "run_info.json"
-    earlier = json.loads(path.read_text()).get("resumes", []) if path.is_file() else []
+    earlier = _read(path).get("resumes", []) if path.is_file() else []
     overrides = list(spec.overrides)
     commit = _git("rev-parse", "HEAD")
     diff = _git("diff", "HEAD")
-    if diff:
-        (out_dir / "git_diff.patch").write_text(diff)
+    if diff:  # credentials in an uncommitted change are redacted too (the patch then may not apply there)
+        (out_dir / "git_diff.patch").write_text(scrub_text(diff))
     info = {
         "command": "python train.py " + " ".join(overrides),
         "overrides": overrides,
@@ -98,7 +101,12 @@ def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, mo
     info.update(extra or {})
     if earlier:
         info["resumes"] = earlier
-    path.write_text(json.dumps(info, indent=2, default=str))
+    path.write_text(json.dumps(scrub(info), indent=2, default=str))
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return read_json(path, f"it is not a run_info.json qlora-lab wrote whole; move it out of {path.parent} and run "
+                           "the command again (its resumes are then no longer listed)")
 
 
 def recorded_sink_ids(out_dir: Path) -> dict[str, str]:
@@ -118,11 +126,11 @@ def record_resume(out_dir: Path, *, checkpoint: Path | None, step: int, override
     """Add this resume to run_info.json's `resumes`: from where (checkpoint None: a restart from step 0), with which
     command and config differences, and how the attempt before it ended (`previous`: its summary.json)."""
     path = out_dir / "run_info.json"
-    info = json.loads(path.read_text()) if path.is_file() else {}
+    info = _read(path) if path.is_file() else {}
     commit = _git("rev-parse", "HEAD")
     info.setdefault("resumes", []).append({
         "checkpoint": str(checkpoint) if checkpoint else None, "step": step, "overrides": overrides,
         "config_differences": differences, "previous_status": (previous or {}).get("summary/status"),
         "previous_reason": (previous or {}).get("summary/reason"),
         "git_commit": commit.strip() if commit else None, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    path.write_text(json.dumps(info, indent=2, default=str))
+    path.write_text(json.dumps(scrub(info), indent=2, default=str))

@@ -8,7 +8,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from qlora_lab.core.errors import RunDirInUse, Status, classify
+from qlora_lab.core.errors import BadFile, RunDirInUse, Status, classify
+from qlora_lab.core.files import read_json
+from qlora_lab.core.scrub import scrub
 
 log = logging.getLogger(__name__)
 
@@ -21,15 +23,20 @@ def json_safe(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_summary(run_dir: Path, values: dict[str, Any]) -> None:
+    """summary.json, written whole (beside it, then renamed) and scrubbed of credentials (a reason may quote one)."""
     path = Path(run_dir) / SUMMARY
     tmp = path.with_name(f".{SUMMARY}.tmp")
-    tmp.write_text(json.dumps(json_safe(values), indent=2, default=str, allow_nan=False))
+    tmp.write_text(json.dumps(scrub(json_safe(values)), indent=2, default=str, allow_nan=False))
     tmp.replace(path)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """The run's summary.json (None: there is none); BadFile, one line, if it is not JSON."""
     path = Path(run_dir) / SUMMARY
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    return read_json(path, f"it is not a summary qlora-lab wrote whole; move it out of {Path(run_dir)} (the run's "
+                           "other records stay as they are) and run the command again")
 
 
 def ending(exc: BaseException) -> dict[str, Any]:
@@ -55,7 +62,7 @@ def record_failure(run_dir: Path, exc: BaseException) -> dict[str, Any]:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         summary = failure_summary(run_dir, exc)
         write_summary(run_dir, summary)
-    except (OSError, ValueError) as e:  # read-only, full, or an unreadable earlier summary.json
+    except (OSError, ValueError, BadFile) as e:  # read-only, full, or an unreadable earlier summary.json
         log.warning(f"could not record the failure in {Path(run_dir) / SUMMARY} "
                     f"({type(e).__name__}: {e})")
         summary = ending(exc)

@@ -5,15 +5,18 @@ conf/logger/wandb.yaml (`logger=wandb`, the default; `logger=[wandb,mlflow]` wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from qlora_lab.core.effects import Effect, key
 from qlora_lab.core.schema import Frozen
+from qlora_lab.core.scrub import scrub_text
 from qlora_lab.sinks import RunRecord
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,18 @@ def open_sink(cfg: WandbConfig, run: RunRecord) -> "WandbSink | None":
     return WandbSink(cfg, run)
 
 
+@contextlib.contextmanager
+def _argv_scrubbed() -> Iterator[None]:
+    """W&B records the command line (sys.argv) in its run's metadata while it starts: let it read the scrubbed one
+    (core/scrub.py), as every other record holds."""
+    saved = list(sys.argv)
+    sys.argv[:] = [scrub_text(a) for a in saved]
+    try:
+        yield
+    finally:
+        sys.argv[:] = saved
+
+
 class WandbSink:
     """A W&B run in the run dir. On a resume (`run.resume_id`) it continues that run: rewound to its start and
     refilled from `run.history` (metrics.jsonl up to the checkpoint), since the W&B copy of a crashed process may lack
@@ -73,15 +88,18 @@ class WandbSink:
                   # several runs at once in one process: a fused sweep's jobs each have theirs
                   settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, reinit="create_new"))
         if run.resume_id is None:
-            self.run = wandb.init(**kw)
+            with _argv_scrubbed():
+                self.run = wandb.init(**kw)
             self._define_metrics(run.goals)
             return
         try:
-            self.run = wandb.init(resume_from=f"{run.resume_id}?_step=0", **kw)
+            with _argv_scrubbed():
+                self.run = wandb.init(resume_from=f"{run.resume_id}?_step=0", **kw)
         except Exception as e:  # online, on a server without run rewind: continue after the steps it holds
             log.warning(f"W&B cannot rewind run {run.resume_id} ({type(e).__name__}: {e}); continuing it after the "
                         "last step the server holds")
-            self.run = wandb.init(id=run.resume_id, resume="allow", **kw)
+            with _argv_scrubbed():
+                self.run = wandb.init(id=run.resume_id, resume="allow", **kw)
         self._define_metrics(run.goals)
         for record in run.history:
             if record["step"] >= self.run.step:

@@ -12,8 +12,10 @@ if it had never stopped:
     manifest.json       sha256 and size of each file above; written last
 
 It is written under a temporary name, every file fsynced, then renamed into place and the parent fsynced: a
-crash mid-write leaves a `.tmp-*` directory that is never taken for a checkpoint. Loading verifies every
-checksum. All tensors load with `weights_only=True`.
+crash mid-write leaves a `.tmp-*` directory that is never taken for a checkpoint (and that the next start of the
+run removes: runner/rundir.py `clean_leftovers`). Loading verifies every checksum. All tensors load with
+`weights_only=True` (core/files.py): a file holding anything but tensors, numbers and containers is refused unread,
+in one line, and a resume reads every file of its checkpoint (`readable`) before it touches the run's records.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ from qlora_lab.configs import key_table
 from qlora_lab.core.dist import Dist
 from qlora_lab.core.effects import declared
 from qlora_lab.core.errors import CheckpointError
+from qlora_lab.core.files import load_tensors, read_json
 from qlora_lab.core.flat import flatten
+from qlora_lab.core.scrub import scrub
 from qlora_lab.train import gathered
 
 log = logging.getLogger(__name__)
@@ -158,7 +162,8 @@ class Checkpointer:
                 "scheduler.pt": scheduler.state_dict(),
                 "rng.pt": rng_state(),
                 "trainer_state.json": {"step": step, **trainer_state},
-                "config.json": {"config": self.config, "dataset_fingerprint": self.fingerprint,
+                # scrubbed as every record is (core/scrub.py); a resume compares it with the scrubbed config
+                "config.json": {"config": scrub(self.config), "dataset_fingerprint": self.fingerprint,
                                 "world_size": self.dist.world},
             }
             for name in FILES:
@@ -289,11 +294,11 @@ def global_batch(config: dict[str, Any], world_size: int) -> tuple[int, str]:
 def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None, world_size: int = 1) -> list[str]:
     """Raise CheckpointError if `config` (on `world_size` processes) cannot continue `ckpt`; returns the allowed
     differences."""
-    saved = json.loads((ckpt / "config.json").read_text())
-    refused, allowed = differences(saved["config"], config)
-    if fingerprint is not None and saved["dataset_fingerprint"] != fingerprint:
-        refused.append(f"dataset content: fingerprint {saved['dataset_fingerprint']} -> {fingerprint}")
-    (old, old_s) = global_batch(saved["config"], saved.get("world_size", 1))
+    recorded = saved(ckpt, "config.json")
+    refused, allowed = differences(recorded["config"], scrub(config))
+    if fingerprint is not None and recorded["dataset_fingerprint"] != fingerprint:
+        refused.append(f"dataset content: fingerprint {recorded['dataset_fingerprint']} -> {fingerprint}")
+    (old, old_s) = global_batch(recorded["config"], recorded.get("world_size", 1))
     (new, new_s) = global_batch(config, world_size)
     if old != new:
         accum, world = config["optim"]["grad_accum_steps"], world_size
@@ -301,8 +306,8 @@ def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None
                 else "change data.micro_batch_size or optim.grad_accum_steps")
         refused.append(f"rows per optimizer step (data.micro_batch_size x optim.grad_accum_steps x processes): "
                        f"{old_s} = {old} -> {new_s} = {new}; keep {old} rows ({hint})")
-    elif saved.get("world_size", 1) != world_size:
-        allowed.append(f"processes: {saved.get('world_size', 1)} -> {world_size} (rows per step stay {new})")
+    elif recorded.get("world_size", 1) != world_size:
+        allowed.append(f"processes: {recorded.get('world_size', 1)} -> {world_size} (rows per step stay {new})")
     if refused:
         lines = "\n".join(f"  - {r}" for r in refused)
         raise CheckpointError(f"resume: {ckpt} was trained with a different setup; these must match to continue it:"
@@ -311,12 +316,36 @@ def check_compatible(ckpt: Path, config: dict[str, Any], fingerprint: str | None
     return allowed
 
 
+def _fix(ckpt: Path) -> str:
+    others = [p.name for p in valid_checkpoints(run_dir_of(ckpt)) if p != ckpt]
+    return (f"the checkpoint {ckpt.name} was not written whole by qlora-lab (or was changed after it): resume from "
+            + (f"another one ({', '.join(others)}: resume={run_dir_of(ckpt) / CKPT_DIR}/<step dir>)" if others else
+               "another run's checkpoint")
+            + ", or start again in another dir (hydra.run.dir=<new dir>) or with overwrite=true")
+
+
+def saved(ckpt: Path, name: str) -> dict[str, Any]:
+    """One of the checkpoint's JSON files (config.json, trainer_state.json); BadFile naming it if it is not JSON."""
+    return read_json(ckpt / name, _fix(ckpt))
+
+
+def readable(ckpt: Path) -> None:
+    """Read every file of `ckpt` as `load` will (tensors with weights_only=True, JSON), so that a bad one is refused
+    before a resume touches anything of its run; BadFile naming the file otherwise."""
+    for name in FILES:
+        if name.endswith(".json"):
+            read_json(ckpt / name, _fix(ckpt))
+        else:
+            load_tensors(ckpt / name, _fix(ckpt))
+
+
 def load(ckpt: Path, model, optimizer, scheduler, dist: Dist = Dist()) -> dict[str, Any]:
     """Restore adapter, optimizer, scheduler and RNG from `ckpt` (on every process); returns its trainer state."""
     why = verify(ckpt)
     if why:
         raise CheckpointError(f"checkpoint {ckpt} {why}; use an earlier one or resume=auto")
-    tensors = torch.load(ckpt / "adapter.pt", map_location="cpu", weights_only=True)
+    fix = _fix(ckpt)
+    tensors = load_tensors(ckpt / "adapter.pt", fix)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
     shapes = [f"{n} {tuple(tensors[n].shape)} vs {tuple(p.shape)}" for n, p in params.items()
@@ -327,10 +356,10 @@ def load(ckpt: Path, model, optimizer, scheduler, dist: Dist = Dist()) -> dict[s
                               f"(e.g. {unexpected[:2]}), shape mismatches {shapes[:2]}; resume from a checkpoint "
                               "of this config or start fresh")
     gathered.load_adapter_state(model, tensors, dist)
-    optim = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
+    optim = load_tensors(ckpt / "optimizer.pt", fix)
     gathered.load_optimizer_state(model, optimizer, optim, dist)
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    scheduler.load_state_dict(load_tensors(ckpt / "scheduler.pt", fix))
+    rng = load_tensors(ckpt / "rng.pt", fix)
     rng["python"] = _to_tuples(rng["python"])
     set_rng_state(rng)
-    return json.loads((ckpt / "trainer_state.json").read_text())
+    return read_json(ckpt / "trainer_state.json", fix)
