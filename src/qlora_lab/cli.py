@@ -10,7 +10,10 @@ import argparse
 import sys
 from types import ModuleType
 
-COMMANDS: dict[str, ModuleType] = {}  # name -> module with add_arguments(parser) and main(args) -> int
+from qlora_lab.study import rerun, reproduce
+
+# name -> module with add_arguments(parser) and main(args) -> int
+COMMANDS: dict[str, ModuleType] = {"reproduce": reproduce, "rerun": rerun}
 
 
 def parser() -> argparse.ArgumentParser:
