@@ -141,16 +141,17 @@ def run_scale(study: Study, scale: str, out_dir: Path, cache_dir: str | None = N
     if out_dir.exists() and any(out_dir.iterdir()):
         raise StudyError(f"{out_dir} is not empty: a reproduction goes into a fresh dir (give another --out)")
     out_dir.mkdir(parents=True, exist_ok=True)
-    here = device_kind()
+    here, kind = device_kind(), study.scale(scale).device
     jobs, skipped = [], []
-    for cmd in commands(study, scale):
+    todo = commands(study, scale)
+    for cmd in todo:
         run_dir = out_dir / f"run{cmd.index + 1}"
-        if cmd.needs == Needs.cuda and here != "cuda":
-            log.info(f"run {cmd.index + 1}: needs a CUDA device, skipped on this {here} machine "
-                     f"(python train.py {' '.join(cmd.args)})")
+        if cmd.needs == Needs.device and here != kind:
+            log.info(f"run {cmd.index + 1}: measures the {kind} device of scale {scale}; skipped on this {here} "
+                     f"machine (python train.py {' '.join(cmd.args)})")
             skipped.append(cmd)
             continue
-        log.info(f"run {cmd.index + 1} of {len(study.runs)} ({len(cmd.jobs)} job{'s' * (len(cmd.jobs) > 1)}):")
+        log.info(f"run {cmd.index + 1} of {len(todo)} ({len(cmd.jobs)} job{'s' * (len(cmd.jobs) > 1)}):")
         if cmd.plan:
             _plan(cmd, run_dir, cache_dir)
         else:

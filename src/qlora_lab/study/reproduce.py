@@ -51,16 +51,18 @@ def main(args: argparse.Namespace) -> int:
         if problems:
             raise spec.StudyError("the study's runs do not compose against conf/:\n  " + "\n  ".join(problems))
         committed_dir = Path(study.path) / RESULTS / args.scale
-        committed = table.read(study, committed_dir / "table.csv") if (committed_dir / "table.csv").is_file() else None
+        columns = study.columns_at(args.scale)
+        committed = (table.read(study, columns, committed_dir / "table.csv")
+                     if (committed_dir / "table.csv").is_file() else None)
         if committed is None and not args.update:
             raise spec.StudyError(f"{committed_dir / 'table.csv'}: nothing committed at scale {args.scale}; make it "
                                   "with --update and commit it")
         out = args.out or Path("outputs/studies") / study.name / f"{args.scale}_{time.strftime('%Y-%m-%d_%H-%M-%S')}"
         log.info(f"study {study.name} at scale {args.scale} into {out}: {study.question}")
         outcome = execute.run_scale(study, args.scale, out, args.cache_dir)
-        rows = table.build(study, outcome.jobs)
-        table.write(study, rows, out)
-        drawn = [plots.draw(study, p, rows, outcome.jobs, out) for p in study.plots]
+        rows = table.build(study, outcome.jobs, columns)
+        table.write(study, rows, columns, out)
+        drawn = [plots.draw(study, p, rows, outcome.jobs, out) for p in study.plots_at(args.scale)]
         record = runs_record(study, args.scale, rows, outcome)
         (out / "runs.json").write_text(json.dumps(record, indent=1, default=str))
     except spec.StudyError as e:
@@ -72,7 +74,7 @@ def main(args: argparse.Namespace) -> int:
         old_record = _read_json(committed_dir / "runs.json")
         same_device = outcome.device == scale.device
         log.info("\n".join(differences(old_record, record, rows, scale.device, outcome.device)))
-        verdicts = check.compare(study.columns, committed, rows, same_device=same_device,
+        verdicts = check.compare(columns, committed, rows, same_device=same_device,
                                  skipped_runs=bool(outcome.skipped))
         log.info(f"{study.name} ({args.scale}): committed ({committed_dir / 'table.csv'}) vs new ({out}):\n"
                  + check.report(verdicts))

@@ -37,8 +37,10 @@ class DeviceKind(StrEnum):
 
 
 class Needs(StrEnum):
-    any = "any"  # runs wherever the study runs
-    cuda = "cuda"  # a GPU measurement: skipped on the CPU (its device-dependent columns are then not compared)
+    any = "any"  # runs on any machine (a plan: the ledger needs no device)
+    # a measurement of the scale's device: on a machine of another kind it is skipped, and the columns that depend
+    # on the device are not compared anyway
+    device = "device"
 
 
 class TableKind(StrEnum):
@@ -56,6 +58,7 @@ class PlotKind(StrEnum):
 class Run:
     args: list[str]  # train.py's overrides (Hydra syntax); `key=a,b` sweeps it (one `-m` command)
     needs: Needs = Needs.any
+    scales: list[str] = field(default_factory=list)  # the scales that run it (empty: all)
 
 
 @dataclass
@@ -68,15 +71,17 @@ class Scale:
 @dataclass
 class Column:
     name: str
-    # summary/<key> | config:<dotted key> | metrics:<key>@<step> | vs:<column>@<row> (this row's value over that
-    # row's) | ratio:<column>/<column> (of this row) | const:<key> (a ledger group's constant) | ledger:predicted_gib
-    # (its components summed) | ledger:measured_gib (its phase, measured on CUDA)
+    # Where the value comes from: summary/<key> | config:<dotted key> | metrics:<key>@<step> |
+    # vs:<column>@<row key>=<value> (this row's value over the row's that differs only in that key) |
+    # ratio:<column>/<column> (of this row) | ledger:<component>+<component> (a job's ledger, summed); in a ledger
+    # table: ledger:predicted_gib (the group's components) | ledger:measured_gib (its phase, on CUDA) | const:<key>
     of: str
     # exact | abs X | rel X | ratio LO HI (new / committed) | show (not compared). An exact column is a function of
     # the config alone (device-independent); every other compared column is a measurement of the device.
     tolerance: str = "show"
     why: str = ""  # where the tolerance comes from (the measured noise), or why the number is exact
     fmt: str = ".4g"
+    scales: list[str] = field(default_factory=list)  # the scales that have this column (empty: all)
 
 
 @dataclass
@@ -96,6 +101,7 @@ class Plot:
     file: str
     x: str = ""
     y: str = ""
+    scales: list[str] = field(default_factory=list)  # the scales that draw it (empty: all)
 
 
 @dataclass
@@ -116,8 +122,12 @@ class Study:
             raise StudyError(f"{self.path}: no scale '{name}' (it has: {', '.join(self.scales)})")
         return self.scales[name]
 
-    def column(self, name: str) -> Column:
-        return next(c for c in self.columns if c.name == name)
+    def columns_at(self, scale: str) -> list[Column]:
+        """The columns of the table at `scale` (a column may be one scale's: a GPU measurement, a longer run's)."""
+        return [c for c in self.columns if not c.scales or scale in c.scales]
+
+    def plots_at(self, scale: str) -> list[Plot]:
+        return [p for p in self.plots if not p.scales or scale in p.scales]
 
 
 class StudyError(Exception):
@@ -145,7 +155,14 @@ def load(folder: str | Path) -> Study:
     if "ci" not in study.scales or "full" not in study.scales:
         problems.append(f"scales: needs both `full` and `ci` (has {sorted(study.scales)})")
     names = [c.name for c in study.columns]
-    problems += [f"columns: {n!r} twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    for scale in study.scales:
+        at = [c.name for c in study.columns_at(scale)]
+        problems += [f"columns: {n!r} twice at scale {scale}" for n in sorted({n for n in at if at.count(n) > 1})]
+    problems += [f"{what}.scales: {s!r} is not a scale" for what, item in
+                 [*((f"columns.{c.name}", c) for c in study.columns), *((f"runs[{i}]", r) for i, r in
+                                                                       enumerate(study.runs)),
+                  *((f"plots.{p.file}", p) for p in study.plots)]
+                 for s in item.scales if s not in study.scales]
     for c in study.columns:
         if not TOLERANCE.match(c.tolerance):
             problems.append(f"columns.{c.name}.tolerance: {c.tolerance!r} is not one of exact | show | abs X | "
@@ -196,10 +213,16 @@ def expand(args: list[str]) -> list[list[str]]:
 
 
 def commands(study: Study, scale: str) -> list[Command]:
+    """The study's train.py commands at `scale`: each run's args with the scale's overrides, a scale's override of a
+    key (or group) the run sets replacing the run's (`model=tiny` for `model=phi4_mini_shape`), and the study's name."""
     extra = list(study.scale(scale).overrides)
+    replaced = {o.key_or_group for o in _parse(extra)}
     out = []
     for i, run in enumerate(study.runs):
-        args = [*run.args, *extra, f"study={study.name}"]
+        if run.scales and scale not in run.scales:
+            continue
+        kept = [o.input_line for o in _parse(run.args) if o.key_or_group not in replaced]
+        args = [*kept, *extra, f"study={study.name}"]
         out.append(Command(i, args, run.needs, expand(args)))
     return out
 

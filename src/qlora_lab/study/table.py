@@ -81,36 +81,47 @@ def value(job: Job, column: Column, group: Group | None = None) -> Any:
         return _ledger_sum(job, group)
     if group is not None and of == "ledger:measured_gib":
         return _measured(job, group)
+    if group is None and of.startswith("ledger:"):  # a row per job: named ledger components, summed
+        by_name = {i["component"]: i["gib"] for i in job.ledger}
+        parts = of[7:].split("+")
+        if by_name and not set(parts) <= set(by_name):
+            raise StudyError(f"column {column.name}: no component {sorted(set(parts) - set(by_name))} in the ledger "
+                             f"of {job.dir} (it has: {', '.join(by_name)})")
+        return sum(by_name[p] for p in parts) if by_name else None
     if group is not None and of.startswith("const:"):
         return group.consts.get(of[6:])
     if of.startswith(("vs:", "ratio:")):
         return None  # from the other columns, once every row has them
     raise StudyError(f"column {column.name}: cannot read {of!r} (summary/<key>, config:<key>, metrics:<key>@<step>, "
-                     "vs:<column>@<row>, ratio:<column>/<column>, and in a ledger table ledger:predicted_gib, ledger:measured_gib, const:<key>)")
+                     "vs:<column>@<row key>=<value>, ratio:<column>/<column>, ledger:<component>+<component>, and in a "
+                     "ledger table ledger:predicted_gib, "
+                     "ledger:measured_gib, const:<key>)")
 
 
-def build(study: Study, jobs: list[Job]) -> list[Row]:
+def build(study: Study, jobs: list[Job], columns: list[Column]) -> list[Row]:
     rows: dict[tuple[str, ...], Row] = {}
     groups: list[Group | None] = list(study.groups) if study.table == TableKind.ledger else [None]
     for job in jobs:
         keys = [_text(v) for v in job_values(job.config, study.rows)]
         for group in groups:
             rid = tuple(keys + ([group.row] if group else []))
-            row = rows.setdefault(rid, Row(list(rid), {c.name: None for c in study.columns}, []))
+            row = rows.setdefault(rid, Row(list(rid), {c.name: None for c in columns}, []))
             row.jobs.append(job)
-            for c in study.columns:
+            for c in columns:
                 if row.values[c.name] is None:
                     row.values[c.name] = value(job, c, group)
     out = list(rows.values())
     by_id = {r.id: r for r in out}
-    for c in study.columns:
-        if c.of.startswith("vs:"):
-            base_col, _, base_row = c.of[3:].partition("@")
-            if base_row not in by_id:
-                raise StudyError(f"column {c.name}: no row {base_row!r} (rows: {', '.join(by_id)})")
-            den = by_id[base_row].values[base_col]
+    for c in columns:
+        if c.of.startswith("vs:"):  # this row's value over the row that differs only in `key` being `value`
+            base_col, _, where = c.of[3:].partition("@")
+            key, _, want = where.partition("=")
+            if key not in study.rows:
+                raise StudyError(f"column {c.name}: {key!r} is not one of the row keys {study.rows}")
+            at = study.rows.index(key)
             for r in out:
-                num = r.values[base_col]
+                other = by_id.get(ROW_SEP.join(r.keys[:at] + [want] + r.keys[at + 1:]))
+                num, den = r.values[base_col], other.values[base_col] if other else None
                 r.values[c.name] = num / den if _number(num) and _number(den) and den else None
         elif c.of.startswith("ratio:"):
             num_col, _, den_col = c.of[6:].partition("/")
@@ -124,24 +135,24 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def header(study: Study) -> list[str]:
-    return [*study.rows, *(["group"] if study.table == TableKind.ledger else []), *(c.name for c in study.columns)]
+def header(study: Study, columns: list[Column]) -> list[str]:
+    return [*study.rows, *(["group"] if study.table == TableKind.ledger else []), *(c.name for c in columns)]
 
 
-def write(study: Study, rows: list[Row], folder: Path) -> tuple[Path, Path]:
+def write(study: Study, rows: list[Row], columns: list[Column], folder: Path) -> tuple[Path, Path]:
     """table.csv (values as Python writes them: floats round-trip exactly) and table.md (each column's format)."""
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = folder / "table.csv", folder / "table.md"
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header(study))
+        w.writerow(header(study, columns))
         for r in rows:
             w.writerow([*r.keys, *("" if r.values[c.name] is None else repr(r.values[c.name])
                                    if isinstance(r.values[c.name], float) else r.values[c.name]
-                                   for c in study.columns)])
-    lines = ["| " + " | ".join(header(study)) + " |", "|" + "---|" * len(header(study))]
+                                   for c in columns)])
+    lines = ["| " + " | ".join(header(study, columns)) + " |", "|" + "---|" * len(header(study, columns))]
     for r in rows:
-        lines.append("| " + " | ".join([*r.keys, *(fmt(r.values[c.name], c) for c in study.columns)]) + " |")
+        lines.append("| " + " | ".join([*r.keys, *(fmt(r.values[c.name], c) for c in columns)]) + " |")
     md_path.write_text("\n".join(lines) + "\n")
     return csv_path, md_path
 
@@ -167,13 +178,14 @@ def _parse(text: str) -> Any:
     return {"True": True, "False": False}.get(text, text)
 
 
-def read(study: Study, csv_path: Path) -> dict[str, dict[str, Any]]:
+def read(study: Study, columns: list[Column], csv_path: Path) -> dict[str, dict[str, Any]]:
     """A committed table.csv: row id -> column -> value. Its header must be the study's (a renamed column is a
     changed study: commit its table again with `--update`)."""
     with open(csv_path, newline="") as f:
         lines = list(csv.reader(f))
-    if not lines or lines[0] != header(study):
-        raise StudyError(f"{csv_path}: header {lines[0] if lines else []} is not the study's {header(study)}; the "
-                         "study changed since its results were committed (re-run with --update and commit them)")
-    n = len(header(study)) - len(study.columns)
-    return {ROW_SEP.join(line[:n]): {c.name: _parse(v) for c, v in zip(study.columns, line[n:])} for line in lines[1:]}
+    want = header(study, columns)
+    if not lines or lines[0] != want:
+        raise StudyError(f"{csv_path}: header {lines[0] if lines else []} is not the study's {want}; the study changed "
+                         "since its results were committed (re-run with --update and commit them)")
+    n = len(want) - len(columns)
+    return {ROW_SEP.join(line[:n]): {c.name: _parse(v) for c, v in zip(columns, line[n:])} for line in lines[1:]}
