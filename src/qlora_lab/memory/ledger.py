@@ -182,8 +182,7 @@ def _group_of(name: str) -> str:
 def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda") -> dict[str, float]:
     """Bytes saved for backward by one decoder layer per token, by part (checkpointing off).
 
-    `device` only changes dropout's mask: CUDA's fused dropout keeps a bool mask, the CPU one a mask in the
-    input's dtype.
+    `device` is kept for callers; the dropout mask is a bool on every device (model/dropout.py).
     """
     c = 2
     # PEFT runs fp32 adapters on an fp32 copy of the input; the fused kernel casts the (small) weights instead
@@ -203,7 +202,7 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda
     for name, (din, _) in _lora_modules(arch, cfg).items():
         lora += a * cfg.lora.r  # A's output, kept for dB
         if cfg.lora.dropout > 0:
-            lora += ((1 if device == "cuda" else a) + a) * din  # dropout mask + dropped input, per adapter
+            lora += (1 + a) * din  # dropout's bool mask + the dropped input, per adapter (model/dropout.py)
         elif a != c:
             lora += a * din  # an fp32 copy of the input, per adapter
         else:

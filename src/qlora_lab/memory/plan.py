@@ -144,14 +144,20 @@ def plan_run(cfg: TrainConfig, device: str) -> RunPlan:
 def predict_group(cfgs: list[TrainConfig], micro_batch: int | None = None) -> Ledger:
     """The ledger of a fused group: the first job's base and batches, every job's adapter on its own copy."""
     cfg = cfgs[0]
-    return predict(cfg, micro_batch or int(cfg.data.micro_batch_size), adapters=[c.lora for c in cfgs])
+    return predict(cfg, micro_batch or int(cfg.data.micro_batch_size), adapters=grouped_adapters(cfgs))
+
+
+def grouped_adapters(cfgs: list[TrainConfig]) -> list:
+    """The LoRA configs of a fused group as it runs them: through PEFT's modules (model/grouped.py), whatever
+    lora.kernel each asked for alone (fp32 adapters then compute on an fp32 copy of their input)."""
+    return [dataclasses.replace(c.lora, kernel="peft") for c in cfgs]
 
 
 def pick_group_micro_batch(cfgs: list[TrainConfig], budget: float) -> int:
     """The largest micro-batch (up to plan.max_micro_batch) at which the group is predicted to fit; 1 at least."""
     cfg = cfgs[0]
     arch = read_arch(cfg)
-    adapters = [c.lora for c in cfgs]
+    adapters = grouped_adapters(cfgs)
     lo, hi = 1, cfg.plan.max_micro_batch
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -57,21 +57,21 @@ def layer_key(seed: int, layer: str) -> int:
     return int(_mix(x)[0])
 
 
-def keep_mask(shape: torch.Size, p: float, key: torch.Tensor, micro: torch.Tensor, dtype: torch.dtype,
-              device: torch.device, row_offset: torch.Tensor | int = 0) -> torch.Tensor:
-    """The scaled dropout mask (0 or 1/(1-p), in `dtype`) of `shape` for a layer's `key` at micro-batch `micro`;
-    `row_offset`: where these rows start among the whole input's (flattened over all but the last dimension)."""
+def keep_mask(shape: torch.Size, p: float, key: torch.Tensor, micro: torch.Tensor, device: torch.device,
+              row_offset: torch.Tensor | int = 0) -> torch.Tensor:
+    """Which elements of `shape` dropout keeps (bool; the kept ones are scaled by 1/(1-p) by the caller), for a
+    layer's `key` at micro-batch `micro`; `row_offset`: where these rows start among the whole input's (flattened
+    over all but the last dimension). A bool mask is what backward keeps: 1 byte an element."""
     numel = shape.numel()
     base = _mix((key + micro * 0x5BD1E995) & M31)  # 0-dim: this layer at this micro-batch
     first = row_offset * shape[-1]  # this piece's first element among the whole input's
-    scale = 1.0 / (1.0 - p)
     threshold = int(p * (1 << 24))
     parts = []
     for start in range(0, numel, CHUNK if not torch.compiler.is_compiling() else numel):
         i = torch.arange(start, min(start + CHUNK, numel) if not torch.compiler.is_compiling() else numel,
                          device=device, dtype=torch.int64) + first
         u = _mix((i * 0x2545F491 + base) & M31) >> 7  # 24 uniform bits
-        parts.append((u >= threshold).to(dtype) * scale)
+        parts.append(u >= threshold)
     mask = parts[0] if len(parts) == 1 else torch.cat(parts)
     return mask.view(shape)
 
@@ -85,15 +85,17 @@ class HashDropout(torch.nn.Module):
         self.register_buffer("key", torch.tensor(layer_key(seed, layer), dtype=torch.int64), persistent=False)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The kept elements of `x` (bool)."""
         index, offset = self.micro.index, self.micro.row_offset
         if index.device != x.device:
             index, offset = index.to(x.device), offset.to(x.device)
-        return keep_mask(x.shape, self.p, self.key, index, x.dtype, x.device, offset)
+        return keep_mask(x.shape, self.p, self.key, index, x.device, offset)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        return x * self.mask(x)
+        # the scale by a number keeps nothing for backward, masked_fill its bool mask: 1 byte an element
+        return (x * (1.0 / (1.0 - self.p))).masked_fill(~self.mask(x), 0)
 
     def extra_repr(self) -> str:
         return f"p={self.p}, counter-based"

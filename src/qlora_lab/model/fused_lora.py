@@ -39,12 +39,12 @@ from qlora_lab.model.quantize import Backend
 class LoraLinearQuantized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, dequantize: Callable[[torch.Tensor, torch.dtype], torch.Tensor], bias, lora_a, lora_b,
-                scale: float, mask):
+                scale: float, keep, p: float):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        # `mask`: the adapter's scaled dropout mask (model/dropout.py, the one PEFT's modules apply too) or None; the
-        # backward needs it for the input gradient of the LoRA branch.
-        mask = None if mask is None else mask.reshape(x2.shape)
+        # `keep`: the adapter's dropout mask (bool, model/dropout.py: the one PEFT's modules apply too) or None, the
+        # kept elements scaled by 1/(1-p); the backward needs it for the input gradient of the LoRA branch.
+        mask = None if keep is None else keep.reshape(x2.shape).to(x.dtype) * (1.0 / (1.0 - p))
         xd = x2 if mask is None else x2 * mask
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 master weights -> compute copies
         w = dequantize(weight, x.dtype)
@@ -75,7 +75,7 @@ class LoraLinearQuantized(torch.autograd.Function):
         d_a = torch.mm(g.t(), xd).mul_(ctx.scale) if ctx.needs_input_grad[4] else None
         d_b = torch.mm(dy2.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[5] else None
         d_bias = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
-        return dx, None, None, d_bias, d_a, d_b, None, None
+        return dx, None, None, d_bias, d_a, d_b, None, None, None
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -95,10 +95,10 @@ def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     drop = self.lora_dropout[name]
     if isinstance(drop, torch.nn.Dropout) and drop.p > 0:  # PEFT's own, drawn from the global RNG: not this kernel's
         return self._peft_forward(x, *args, **kwargs)
-    mask = drop.mask(x) if isinstance(drop, HashDropout) and self.training else None
+    keep, p = (drop.mask(x), drop.p) if isinstance(drop, HashDropout) and self.training and drop.p > 0 else (None, 0.0)
     deq = self._dequantizer
     return LoraLinearQuantized.apply(x, deq.weight_of(base), deq.dequantize, base.bias, lora_a, lora_b,
-                                     float(self.scaling[name]), mask)
+                                     float(self.scaling[name]), keep, p)
 
 
 def fuse(model: torch.nn.Module, backend: Backend) -> int:

@@ -27,10 +27,7 @@ def prepare_model(model: torch.nn.Module, m: ModelConfig, ck: CheckpointingConfi
                 module.float()
     modes = layer_modes(ck, len(checkpointed_layers(model)))
     if any(mode != "keep" for mode in modes):
-        enable_checkpointing(model, ck, modes, device)
-        # The reentrant implementation only backpropagates into a checkpointed block whose input requires
-        # grad; with a frozen embedding nothing would, and the LoRA weights inside would get no gradient.
-        model.enable_input_require_grads()
+        set_modes(model, ck, modes, device)
     return model
 
 
@@ -41,9 +38,8 @@ def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def enable_checkpointing(model: torch.nn.Module, ck: CheckpointingConfig, modes: list[str], device: str) -> None:
-    """Checkpointing per layer: `modes[i]` says whether decoder layer i keeps its activations, is recomputed, or is
-    recomputed with its input offloaded to host memory."""
+def enable_checkpointing(model: torch.nn.Module, ck: CheckpointingConfig) -> None:
+    """transformers' activation checkpointing on every layer (set_modes then says which layers use it, and how)."""
     kwargs = {"use_reentrant": ck.use_reentrant}
     # transformers renamed the method during 5.x; keep working on releases before and after the rename.
     if hasattr(model, "activation_checkpointing_enable"):
@@ -52,15 +48,23 @@ def enable_checkpointing(model: torch.nn.Module, ck: CheckpointingConfig, modes:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     for layer in checkpointed_layers(model):
         layer._qlab_checkpoint = layer._gradient_checkpointing_func  # what set_modes wraps (again)
-    set_modes(model, modes, device)
+    # The reentrant implementation only backpropagates into a checkpointed block whose input requires
+    # grad; with a frozen embedding nothing would, and the LoRA weights inside would get no gradient.
+    model.enable_input_require_grads()
 
 
-def set_modes(model: torch.nn.Module, modes: list[str], device: str) -> None:
-    """Give each checkpointed layer its mode (again: a plan that ran out of memory falls back to a lighter one on the
-    model already built). Offload only what checkpointing saves (each layer's inputs), not the logits and loss
+def set_modes(model: torch.nn.Module, ck: CheckpointingConfig, modes: list[str], device: str) -> None:
+    """Checkpointing per layer: `modes[i]` says whether decoder layer i keeps its activations, is recomputed, or is
+    recomputed with its input offloaded to host memory; again on a built model (a plan that ran out of memory falls
+    back to a lighter one). Offload only what checkpointing saves (each layer's inputs), not the logits and loss
     buffers: the offloaded layers' checkpoint call is wrapped, so those tensors wait in host memory."""
+    layers = checkpointed_layers(model)
+    if any(m != "keep" for m in modes) and layers and not hasattr(layers[0], "_qlab_checkpoint"):
+        enable_checkpointing(model, ck)
+    if not layers or not hasattr(layers[0], "_qlab_checkpoint"):
+        return  # every layer keeps its activations and checkpointing was never on
     offload = HostOffload() if device == "cuda" and "offload" in modes else None
-    for layer, mode in zip(checkpointed_layers(model), modes, strict=True):
+    for layer, mode in zip(layers, modes, strict=True):
         layer.gradient_checkpointing = mode != "keep"
         layer._gradient_checkpointing_func = offloaded(layer._qlab_checkpoint, offload) if mode == "offload" \
             else layer._qlab_checkpoint

@@ -124,7 +124,8 @@ def split_configs(cfgs: list[DictConfig]) -> list[list[int]]:
     tcfgs = [OmegaConf.to_object(c) for c in cfgs]
     first = tcfgs[0]
     budget = _budget(first)
-    if str(first.sweep.fuse).lower() == "true" or budget is None or len(tcfgs) == 1 or first.data.micro_batch_size == "auto":
+    planned_later = first.data.micro_batch_size == "auto" or first.checkpointing.layers == "auto"
+    if str(first.sweep.fuse).lower() == "true" or budget is None or len(tcfgs) == 1 or planned_later:
         return [list(range(len(tcfgs)))]
     parts, current = [], []
     for i in range(len(tcfgs)):
@@ -226,7 +227,7 @@ def _settle_plan(members: list[Member]) -> None:
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch_size="auto"))
         cfg = dataclasses.replace(cfg, checkpointing=dataclasses.replace(cfg.checkpointing, layers="auto"))
         name = torch.cuda.get_device_name() if first.device == "cuda" and torch.cuda.is_available() else None
-        chosen = frontier.plan_layers(cfg, read_arch(cfg), budget, name, adapters=[c.lora for c in cfgs]).chosen
+        chosen = frontier.plan_layers(cfg, read_arch(cfg), budget, name, adapters=plan.grouped_adapters(cfgs)).chosen
         mb, layers = chosen.micro_batch, chosen.layers
     else:
         mb = plan.pick_group_micro_batch(cfgs, budget) if budget else min(int(c.data.micro_batch_size) for c in cfgs)

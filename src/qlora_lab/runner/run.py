@@ -445,7 +445,7 @@ def _prove_plan(spec: RunSpec, ledger: Ledger, built: BuiltModel) -> tuple[RunSp
     run_plan = ledger.extra["run_plan"].layers
     seq, tried = spec.cfg.model.max_seq_len, []
     for candidate in [run_plan.chosen] + run_plan.runners_up:
-        set_modes(built.model, candidate.modes, spec.device)
+        set_modes(built.model, spec.cfg.checkpointing, candidate.modes, spec.device)
         try:
             _probe_step(built.model, candidate.micro_batch, seq)
         except torch.OutOfMemoryError as e:
@@ -465,10 +465,14 @@ def _prove_plan(spec: RunSpec, ledger: Ledger, built: BuiltModel) -> tuple[RunSp
 
 
 def _probe_step(model, micro_batch: int, seq: int) -> None:
-    """One forward and backward at full sequence length, to prove a micro-batch fits before training on it."""
+    """One forward and backward at full sequence length, to prove a micro-batch fits before training on it: one
+    document a row, with the boundaries a packed batch carries (packed attention needs them; SDPA ignores them)."""
     try:
         ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device="cuda")
-        model(input_ids=ids, labels=ids).loss.backward()
+        cu = torch.arange(0, (micro_batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
+        positions = torch.arange(seq, device="cuda").expand(micro_batch, seq)
+        model(input_ids=ids, labels=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+              max_length_q=seq, max_length_k=seq).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()

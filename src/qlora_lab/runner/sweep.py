@@ -16,8 +16,8 @@ import contextlib
 import fcntl
 import logging
 import json
+import importlib.util
 import multiprocessing
-from multiprocessing import forkserver
 import os
 import subprocess
 import sys
@@ -111,8 +111,13 @@ def _forked(config_path: str, env: dict[str, str], cwd: str) -> None:
 
 def preload(cfg: DictConfig) -> list[str]:
     """PRELOAD and the transformers modeling module of this sweep's model (the server skips a module that does not
-    exist)."""
+    exist). Not the modeling module where torchao is installed: transformers then imports torchao with it, and
+    torchao asks the GPU's compute capability at import, which initialises CUDA (no fork could use the GPU after
+    that); hiding the GPU from the server instead leaves every fork with torch's cached answer that Triton cannot run.
+    """
     kind = model_config(cfg.model).model_type
+    if importlib.util.find_spec("torchao") is not None:
+        return list(PRELOAD)
     return PRELOAD + [f"transformers.models.{kind}.modeling_{kind}"]
 
 
@@ -128,18 +133,6 @@ def _warm_context(cfg: DictConfig, env: dict[str, str]) -> multiprocessing.conte
         os.environ.update({**env, **NVML_CHECK})  # the server inherits this process's environment when it starts
         _warm = multiprocessing.get_context("forkserver")
         _warm.set_forkserver_preload(preload(cfg))
-        # The server imports with no GPU visible: some libraries ask the GPU's properties at import (torchao, which
-        # transformers' modeling modules import, asks for the compute capability: that initialises CUDA, after
-        # which no fork can use the GPU). Each job sets its own devices back before its first CUDA call.
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        try:
-            forkserver.ensure_running()
-        finally:
-            if visible is None:
-                del os.environ["CUDA_VISIBLE_DEVICES"]
-            else:
-                os.environ["CUDA_VISIBLE_DEVICES"] = visible
     return _warm
 
 

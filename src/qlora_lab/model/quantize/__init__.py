@@ -71,6 +71,10 @@ class Backend(Protocol):
     def logical_numel(self, param: torch.nn.Parameter) -> int:
         """How many weights `param` stands for (a packed 4-bit tensor holds two per byte)."""
 
+    def weight_only(self, q: Any) -> bool:
+        """Whether a quantized layer computes with its dequantized weights and nothing else rounded (merging an adapter
+        into them reproduces the run as trained: qlora-lab export); LLM.int8 also rounds activations."""
+
 
 SCHEMA_GROUP = "quantization_schema"  # conf/quantization/*.yaml start from /quantization_schema/<backend>@_here_
 

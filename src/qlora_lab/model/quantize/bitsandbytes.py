@@ -141,6 +141,9 @@ class BitsAndBytes:
             return None
         return DEQUANTIZER
 
+    def weight_only(self, q: BitsAndBytesQuantization) -> bool:
+        return q.bits == 4
+
     def logical_numel(self, param: torch.nn.Parameter) -> int:
         if type(param).__name__ == "Params4bit":  # packed: two 4-bit values per byte of storage
             return param.numel() * param.element_size() * 2

@@ -47,6 +47,9 @@ class NoBackend:
     def dequantizer(self, layer: torch.nn.Module) -> Dequantizer | None:
         return None
 
+    def weight_only(self, q: NoQuantization) -> bool:
+        return True
+
     def logical_numel(self, param: torch.nn.Parameter) -> int:
         return param.numel()
 

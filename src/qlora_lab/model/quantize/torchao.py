@@ -123,6 +123,9 @@ class Torchao:
             return None
         return DEQUANTIZER
 
+    def weight_only(self, q: TorchaoQuantization) -> bool:
+        return True
+
     def logical_numel(self, param: torch.nn.Parameter) -> int:
         return param.numel()  # an NF4Tensor has its original shape
 
