@@ -4,6 +4,8 @@ moved comes with the reason it may have moved.
 
 A column's tolerance says what kind of number it is:
 - `exact`: a function of the config alone (the ledger's prediction, parameter counts): any machine, any device;
+- `device-exact`: a function of the config and the device kind (a training run's ledger, whose `auto` dtypes and
+  kernels resolve for its device): exact, on the scale's device kind only;
 - `abs X` / `rel X`: a measurement whose noise was measured (losses, task metrics): X is that noise, said in `why`;
 - `ratio LO HI`: a speed, which varies with the machine and its load: new / committed within [LO, HI];
 - `show`: shown, never compared (a constant, another source's figure).
@@ -50,7 +52,7 @@ def _number(v: Any) -> bool:
 def within(tolerance: str, committed: Any, new: Any) -> tuple[bool, str]:
     """Whether `new` reproduces `committed` under `tolerance`, and the measure of the difference."""
     kind, *args = tolerance.split()
-    if kind == "exact" or not (_number(committed) and _number(new)):
+    if kind in ("exact", "device-exact") or not (_number(committed) and _number(new)):
         return committed == new or (_number(committed) and _number(new) and math.isnan(committed)
                                     and math.isnan(new)), ("equal" if committed == new else "differs")
     diff = new - committed

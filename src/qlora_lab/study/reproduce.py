@@ -62,13 +62,20 @@ def main(args: argparse.Namespace) -> int:
         outcome = execute.run_scale(study, args.scale, out, args.cache_dir)
         rows = table.build(study, outcome.jobs, columns)
         table.write(study, rows, columns, out)
-        drawn = [plots.draw(study, p, rows, outcome.jobs, out) for p in study.plots_at(args.scale)]
+        drawn, pending = [], []
+        for p in study.plots_at(args.scale):
+            if p.needs == spec.Needs.device and outcome.skipped:  # its runs need the scale's device: pending here
+                pending.append(p.file)
+            else:
+                drawn.append(plots.draw(study, p, rows, outcome.jobs, out))
         record = runs_record(study, args.scale, rows, outcome)
+        record["pending_plots"] = pending
         (out / "runs.json").write_text(json.dumps(record, indent=1, default=str))
     except spec.StudyError as e:
         log.error(str(e))
         return 2
-    log.info(f"table {out / 'table.md'}" + (f", plots {', '.join(str(p) for p in drawn)}" if drawn else ""))
+    log.info(f"table {out / 'table.md'}" + (f", plots {', '.join(str(p) for p in drawn)}" if drawn else "")
+             + (f"; pending (their runs need a {scale.device} device): {', '.join(pending)}" if pending else ""))
     status = 0
     if committed is not None:
         old_record = _read_json(committed_dir / "runs.json")
@@ -116,8 +123,9 @@ def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row],
                      "depend on the device (exact) are compared")
     elif _device_name(old.get("device", {})) != _device_name(new["device"]):
         lines.append(f"  device: {_device_name(old.get('device', {}))} -> {_device_name(new['device'])}")
-    if old.get("source"):
-        lines.append(f"  committed numbers' source: {old['source']}")
+    if old.get("skipped_runs"):
+        lines.append(f"  the committed numbers were made without the {len(old['skipped_runs'])} run(s) that need a "
+                     f"{recorded_kind} device: their columns are pending there (compared once committed)")
     po, pn = old.get("provenance", {}), new["provenance"]
     if po.get("git_commit") != pn.get("git_commit"):
         lines.append(f"  git commit: {str(po.get('git_commit'))[:12]} -> {str(pn.get('git_commit'))[:12]}")
@@ -140,7 +148,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row],
 
 
 def _device_name(d: dict[str, Any]) -> str:
-    return d.get("gpu") or f"{d.get('device', '?')}, {d.get('cpu_threads', '?')} threads"
+    return d.get("gpu") or f"{d.get('cpu') or d.get('device', '?')}, {d.get('cpu_threads', '?')} threads"
 
 
 MARK = re.compile(r"(<!-- results:(\w+) -->\n).*?(<!-- /results:\2 -->)", re.S)
@@ -161,6 +169,11 @@ def update(study: spec.Study, scale: str, out: Path, drawn: list[Path]) -> None:
         note = (f"\n_{_device_name(record['device'])}, {record['date']}, commit "
                 f"{str(record['provenance'].get('git_commit'))[:10]}: `qlora-lab reproduce {study.path} "
                 f"--scale {scale}`_\n")
+        if record.get("skipped_runs"):
+            note += (f"\n_Pending: {len(record['skipped_runs'])} run(s) that need a {study.scale(scale).device} device "
+                     "were skipped where these numbers were made; their columns are empty"
+                     + (f" and {', '.join(record['pending_plots'])} not drawn" if record.get("pending_plots") else "")
+                     + " until `qlora-lab reproduce ... --update` runs on one._\n")
         text = readme.read_text()
         new = MARK.sub(lambda m: m.group(1) + (out / "table.md").read_text() + note + m.group(3)
                        if m.group(2) == scale else m.group(0), text)

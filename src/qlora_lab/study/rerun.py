@@ -72,7 +72,7 @@ def then_vs_now(info: dict[str, Any], run_dir: Path, data_now: str) -> list[str]
         if now["packages"].get(name) != v and name != "qlora-lab":
             lines.append(f"package {name}: {v} -> {now['packages'].get(name)}")
     dev_then, dev_now = info.get("device") or {}, device_info(device_kind())
-    for k in ("device", "gpu", "cuda", "capability", "cpu_threads", "platform", "python"):
+    for k in ("device", "gpu", "cuda", "capability", "cpu", "cpu_threads", "platform", "python"):
         if dev_then.get(k) != dev_now.get(k) and (k in dev_then or k in dev_now):
             lines.append(f"device {k}: {dev_then.get(k)} -> {dev_now.get(k)}")
     if info.get("dataset_fingerprint") != data_now:

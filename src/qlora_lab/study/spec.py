@@ -73,11 +73,14 @@ class Column:
     name: str
     # Where the value comes from: summary/<key> | config:<dotted key> | metrics:<key>@<step> |
     # vs:<column>@<row key>=<value> (this row's value over the row's that differs only in that key) |
+    # vs:<column>@<row id> (this row's value over that row's) |
     # ratio:<column>/<column> (of this row) | ledger:<component>+<component> (a job's ledger, summed); in a ledger
     # table: ledger:predicted_gib (the group's components) | ledger:measured_gib (its phase, on CUDA) | const:<key>
     of: str
-    # exact | abs X | rel X | ratio LO HI (new / committed) | show (not compared). An exact column is a function of
-    # the config alone (device-independent); every other compared column is a measurement of the device.
+    # exact | device-exact | abs X | rel X | ratio LO HI (new / committed) | show (not compared). An exact column is a
+    # function of the config alone (compared on any device); a device-exact one of the config and the device kind (a
+    # training run's ledger resolves `auto` dtypes and kernels for its device): exact, on the device kind of the scale
+    # only; every other compared column is a measurement of the device.
     tolerance: str = "show"
     why: str = ""  # where the tolerance comes from (the measured noise), or why the number is exact
     fmt: str = ".4g"
@@ -102,6 +105,8 @@ class Plot:
     x: str = ""
     y: str = ""
     scales: list[str] = field(default_factory=list)  # the scales that draw it (empty: all)
+    # device: drawn from runs that need the scale's device; on another machine it is pending, not an error
+    needs: Needs = Needs.any
 
 
 @dataclass
@@ -134,7 +139,7 @@ class StudyError(Exception):
     """A study that cannot run as declared (a bad study.yaml, a key conf/ does not have)."""
 
 
-TOLERANCE = re.compile(r"^(exact|show|abs \S+|rel \S+|ratio \S+ \S+)$")
+TOLERANCE = re.compile(r"^(exact|device-exact|show|abs \S+|rel \S+|ratio \S+ \S+)$")
 
 
 def load(folder: str | Path) -> Study:
@@ -165,8 +170,8 @@ def load(folder: str | Path) -> Study:
                  for s in item.scales if s not in study.scales]
     for c in study.columns:
         if not TOLERANCE.match(c.tolerance):
-            problems.append(f"columns.{c.name}.tolerance: {c.tolerance!r} is not one of exact | show | abs X | "
-                            "rel X | ratio LO HI")
+            problems.append(f"columns.{c.name}.tolerance: {c.tolerance!r} is not one of exact | device-exact | show | "
+                            "abs X | rel X | ratio LO HI")
         if c.of.startswith("vs:") and c.of[3:].split("@")[0] not in names:
             problems.append(f"columns.{c.name}.of: {c.of!r} names no column")
         if c.of.startswith("ratio:") and not set(c.of[6:].split("/")) <= set(names):

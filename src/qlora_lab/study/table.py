@@ -113,14 +113,16 @@ def build(study: Study, jobs: list[Job], columns: list[Column]) -> list[Row]:
     out = list(rows.values())
     by_id = {r.id: r for r in out}
     for c in columns:
-        if c.of.startswith("vs:"):  # this row's value over the row that differs only in `key` being `value`
-            base_col, _, where = c.of[3:].partition("@")
-            key, _, want = where.partition("=")
-            if key not in study.rows:
+        if c.of.startswith("vs:"):  # this row's value over another row's: `key=value` (the row that differs only in
+            base_col, _, where = c.of[3:].partition("@")  # that key), or a row id (one row for all)
+            key, eq, want = where.partition("=")
+            if eq and key not in study.rows:
                 raise StudyError(f"column {c.name}: {key!r} is not one of the row keys {study.rows}")
-            at = study.rows.index(key)
+            if not eq and where not in by_id:
+                raise StudyError(f"column {c.name}: no row {where!r} (rows: {', '.join(by_id)})")
+            at = study.rows.index(key) if eq else 0
             for r in out:
-                other = by_id.get(ROW_SEP.join(r.keys[:at] + [want] + r.keys[at + 1:]))
+                other = by_id.get(ROW_SEP.join(r.keys[:at] + [want] + r.keys[at + 1:])) if eq else by_id[where]
                 num, den = r.values[base_col], other.values[base_col] if other else None
                 r.values[c.name] = num / den if _number(num) and _number(den) and den else None
         elif c.of.startswith("ratio:"):
