@@ -1,12 +1,13 @@
 # make train    — set up .venv from uv.lock and run the default job: tiny model, nf4 QLoRA, offline W&B
 # make test     — set up .venv from uv.lock and run the CPU test suite (what CI runs)
+# make reproduce STUDY=experiments/<name> [SCALE=full]  — re-run a study and check its committed numbers
 # make upgrade  — re-resolve uv.lock to the newest releases, re-install and re-run the suite (commit both if green)
 PY := .venv/bin/python
 # uv itself is pinned too, so that every machine reads and writes the lock the same way.
 UV_VERSION := 0.13.9
 UV := .venv-uv/bin/uv
 
-.PHONY: setup train test upgrade sweep compare clean
+.PHONY: setup train test upgrade sweep compare reproduce studies clean
 
 setup: .venv/.installed .venv/gguf-converter/.installed
 
@@ -48,6 +49,12 @@ sweep: setup
 compare: setup  # make compare SWEEP=outputs/multirun/<time> METRIC=eval_exact_match  (default: the newest sweep)
 	$(PY) -m qlora_lab.runner.compare $(or $(SWEEP),$(lastword $(sort $(wildcard outputs/multirun/*)))) \
 		$(if $(METRIC),--metric $(METRIC))
+
+reproduce: setup  # make reproduce STUDY=experiments/lora_rank SCALE=full   (qlora-lab reproduce; default scale ci)
+	$(PY) -m qlora_lab.cli reproduce $(STUDY) --scale $(or $(SCALE),ci) $(ARGS)
+
+studies: setup  # every study at scale ci, as CI runs them (part of make test)
+	$(PY) -m pytest -q tests/test_studies.py $(ARGS)
 
 clean:
 	rm -rf outputs/runs outputs/multirun

@@ -1,11 +1,24 @@
-"""train.py as a user runs it: a 2-job sweep in one W&B group, an experiment preset, bad input."""
+"""train.py as a user runs it: a 2-job sweep in one W&B group, an experiment preset, bad input; the qlora-lab
+commands around it."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
+
 from helpers import train_py
+from qlora_lab import cli
 from wandb_reader import read_run
+
+
+def test_qlora_lab_has_every_command(capsys):
+    """export (issue 26), reproduce and rerun (issue 31): one dispatcher, each command's own --help."""
+    assert set(cli.COMMANDS) == {"export", "reproduce", "rerun"}
+    for name in cli.COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0 and f"qlora-lab {name}" in capsys.readouterr().out
 
 
 def test_two_job_multirun_gives_two_runs_in_one_group(cache_dir, tmp_path):

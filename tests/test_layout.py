@@ -19,6 +19,7 @@ PACKAGE = ROOT / "src" / "qlora_lab"
 # core <- the stages <- train <- runner. Stages of one rank do not know each other.
 RANK = {"core": 0, "sinks": 1, "data": 1, "model": 2, "memory": 3, "evaluation": 3, "train": 4, "runner": 5}
 RANK["export"] = 6  # after training: may import from every other package
+RANK["study"] = 6  # studies (reproduce, rerun): run the runner and read what runs wrote
 
 
 def module_name(path: Path) -> str:

@@ -208,3 +208,15 @@ def test_evaluation_runs_compiled_layers_eagerly(tiny):
     model.train()
     forward_loss(model, batch, "cpu", 1)
     assert compiles  # the layers are compiled: training compiles them
+
+
+def test_fp16_with_fp32_norms_trains(tiny):
+    """model.upcast=norms in a float16 model: the norms hold and compute fp32 and hand fp16 on, so the unquantized
+    16-bit LM head after the last norm gets its own dtype (it failed with "expected m1 and m2 to have the same
+    dtype"); the LoRA weights get finite gradients."""
+    _, model, _, batch = tiny(["model.dtype=float16", "quantization.compute_dtype=float16", "model.upcast=norms"])
+    norms = [m for m in model.modules() if "norm" in type(m).__name__.lower()]
+    assert norms and all(p.dtype == torch.float32 for m in norms for p in m.parameters())
+    assert model.get_output_embeddings().weight.dtype == torch.float16
+    loss, grads = lora_grads(model, batch)
+    assert torch.isfinite(torch.tensor(loss)) and grads and all(torch.isfinite(g).all() for g in grads.values())

@@ -85,7 +85,7 @@ def _mlflow(uri: str):
 
 def test_wandb_and_mlflow_record_the_same_run(cache_dir, tmp_path):
     res = train_py(["logger=[wandb,mlflow]", "optim.max_steps=4", "eval=loss", "eval.every_steps=2",
-                    "eval.at_start=true", "log.adapter_artifact=true", "lora.r=4"], cache_dir, tmp_path)
+                    "log.adapter_artifact=true", "lora.r=4", "study=demo"], cache_dir, tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp_path / "run"
     info = json.loads((run_dir / "run_info.json").read_text())
@@ -97,11 +97,12 @@ def test_wandb_and_mlflow_record_the_same_run(cache_dir, tmp_path):
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")}
     assert history == pytest.approx({s: r["train/loss"] for s, r in jsonl.items()})
     evals = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "eval/loss")}
-    assert sorted(evals) == [0, 2, 4]
+    assert sorted(evals) == [2, 4]  # eval=loss: no evaluation before the first step (eval.at_start: false)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert run.data.metrics["summary/final_loss"] == pytest.approx(summary["summary/final_loss"])
-    assert run.data.tags["summary/status"] == "finished" and "lora.r=4" in {
+    assert run.data.tags["summary/status"] == "finished" and {"lora.r=4", "study=demo"} <= {
         k.removeprefix("tag.") for k in run.data.tags}
+    assert run.data.params["study"] == "demo" and info["config"]["study"] == "demo"  # a study's runs: filter by it
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "adapter")}
     assert "adapter/adapter_model.safetensors" in artifacts and "adapter/adapter_config.json" in artifacts
     assert (run_dir / "mlartifacts").is_dir()  # the store and its artifacts stay in the run dir
@@ -109,7 +110,7 @@ def test_wandb_and_mlflow_record_the_same_run(cache_dir, tmp_path):
     assert "tables/ledger_items_step0.json" in tables
     # W&B has the same run, with the same run id kept in run_info.json
     w = read_run(run_dir)
-    assert w["run"].run_id == info["sink_ids"]["wandb"]
+    assert w["run"].run_id == info["sink_ids"]["wandb"] and "study=demo" in w["run"].tags
     w_losses = {h["_step"]: h["train/loss"] for h in w["history"] if "train/loss" in h}
     assert w_losses == pytest.approx({s: r["train/loss"] for s, r in jsonl.items()})
 

@@ -381,6 +381,9 @@ class TrainConfig(Frozen):
     run_name: str = key(Effect.location)
     sweep_id: Optional[str] = key(Effect.location)  # set for multirun jobs: the group that ties a sweep together
     tags: list[str] = key(Effect.location)
+    # The study (experiments/<name>/, `qlora-lab reproduce`) this run belongs to: a tag `study=<name>` and a config key
+    # in every sink and in run_info.json's config, so dashboards filter by study; null: none
+    study: Optional[str] = key(Effect.reporting)
 
 
 def freeze(cfg: Any) -> Any:

@@ -25,10 +25,18 @@ def prepare_model(model: torch.nn.Module, m: ModelConfig, ck: CheckpointingConfi
         for name, module in model.named_modules():
             if "norm" in type(module).__name__.lower():
                 module.float()
+                # Computed in fp32, handed on in the dtype it came in: an fp32 output would reach a 16-bit layer that
+                # does not cast its input (the unquantized LM head: "expected m1 and m2 to have the same dtype").
+                module.register_forward_hook(_as_input_dtype)
     modes = layer_modes(ck, len(checkpointed_layers(model)))
     if any(mode != "keep" for mode in modes):
         set_modes(model, ck, modes, device)
     return model
+
+
+def _as_input_dtype(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = args[0] if args else None
+    return output.to(x.dtype) if isinstance(x, torch.Tensor) and isinstance(output, torch.Tensor) else output
 
 
 def checkpointed_layers(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -93,7 +93,8 @@ def get_key(config: dict[str, Any], dotted: str) -> Any:
 
 
 def tags_of(spec: RunSpec) -> list[str]:
-    """The run's tags in every sink: cfg.tags and each override of a key that is not a location (core/effects.py)."""
+    """The run's tags in every sink: cfg.tags, `study=<name>` and each override of a key that is not a location
+    (core/effects.py)."""
     table = key_table(spec.config())
     keep = []
     for o in spec.overrides:
@@ -101,7 +102,8 @@ def tags_of(spec: RunSpec) -> list[str]:
         d = declared(table, key)
         if not key.startswith("hydra") and (d is None or d.effect.named):
             keep.append(o)
-    return list(spec.cfg.tags) + keep
+    study = [f"study={spec.cfg.study}"] if spec.cfg.study else []  # also when set by a YAML, not an override
+    return list(dict.fromkeys([*spec.cfg.tags, *study, *keep]))
 
 
 def adapter_metadata(spec: RunSpec) -> dict[str, Any]:

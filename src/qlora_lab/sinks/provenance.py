@@ -67,8 +67,20 @@ def device_info(device: str) -> dict[str, Any]:
         info.update(gpu=props.name, gpu_memory_gib=props.total_memory / 1024**3,
                     cuda=torch.version.cuda, capability=f"{props.major}.{props.minor}")
     else:
-        info["cpu_threads"] = torch.get_num_threads()
+        info.update(cpu=cpu_name(), cpu_threads=torch.get_num_threads())
     return info
+
+
+def cpu_name() -> str:
+    """The CPU's model name (what a CPU-measured number was measured on): /proc/cpuinfo's, else the platform's."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_run_info(out_dir: Path, spec: RunSpec, *, dataset_fingerprint: str, model_path: str,
