@@ -14,7 +14,9 @@ from wandb_reader import read_run, read_table
 STEPS = 80
 # train/loss of the first steps of the default run (seed 0, tiny model, nf4) on CPU, in the locked environment: a
 # change in numerics (quantization, masking, loss scaling, init, data order) moves these.
-PINNED_LOSSES = [6.325271129608154, 6.267789840698242, 5.9417643547058105, 5.893338203430176, 5.730515956878662]
+PINNED_LOSSES = [6.325271129608154, 6.2677903175354, 5.940950870513916, 5.892549991607666, 5.726611614227295]
+# Re-pinned when LoRA dropout became counter-based (model/dropout.py): its masks are other draws than PEFT's, which
+# moved steps 3-5 by up to 3.9e-3; with lora.dropout=0 the old and new code give the same curve bit for bit.
 # Measured noise: bit-identical across runs and across 1, 2 and 4 threads in the locked environment; the earlier
 # pin, on the releases before the lock, differed from the locked ones by up to 2.0e-3 (same math, other CPU
 # kernels). A numerics regression (a masking or loss-scaling bug) moves the first steps by far more than that.
