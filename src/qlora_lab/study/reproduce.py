@@ -148,7 +148,8 @@ def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row],
 
 
 def _device_name(d: dict[str, Any]) -> str:
-    return d.get("gpu") or f"{d.get('cpu') or d.get('device', '?')}, {d.get('cpu_threads', '?')} threads"
+    threads = d.get("cpu_threads", "?")
+    return d.get("gpu") or f"{d.get('cpu') or d.get('device', '?')}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 MARK = re.compile(r"(<!-- results:(\w+) -->\n).*?(<!-- /results:\2 -->)", re.S)
