@@ -47,7 +47,9 @@ def test_every_study_composes_at_every_scale_and_commits_its_results(name):
     for scale in study.scales:
         committed = EXPERIMENTS / name / "results" / scale
         assert table.read(study, study.columns_at(scale), committed / "table.csv"), f"{committed}: no rows"
-        record = json.loads((committed / "runs.json").read_text())
+        text = (committed / "runs.json").read_text()
+        assert str(ROOT) not in text, f"{committed}/runs.json names this checkout's path (reproduce.portable)"
+        record = json.loads(text)
         assert record["device"] and record["date"] and record["provenance"]["uv_lock"], f"{committed}/runs.json"
         for plot in study.plots_at(scale):
             assert (committed / plot.file).is_file() or plot.file in record.get("pending_plots", []), plot.file
@@ -119,6 +121,18 @@ def test_a_plot_with_nothing_to_draw_is_an_error(tmp_path):
     for p in study.plots_at("ci"):
         with pytest.raises(spec.StudyError, match="plot"):
             plots.draw(study, p, rows, [job], tmp_path)
+
+
+def test_a_committed_record_holds_no_machine_path(tmp_path):
+    """runs.json is committed: a dataset inside the checkout is named relative to it, a run dir relative to the
+    study's output dir; a path elsewhere is kept as given."""
+    from qlora_lab.study.reproduce import portable
+
+    out = tmp_path / "out"
+    config = {"data": {"path": str(ROOT / "src/qlora_lab/assets/tiny_tasks.jsonl")},
+              "output_dir": str(out / "run1" / "0_plan"), "cache_dir": "/data/cache", "tags": [str(ROOT)]}
+    assert portable(config, out) == {"data": {"path": "src/qlora_lab/assets/tiny_tasks.jsonl"},
+                                     "output_dir": "<out>/run1/0_plan", "cache_dir": "/data/cache", "tags": ["."]}
 
 
 def test_tolerances():

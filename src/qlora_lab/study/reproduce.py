@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_lab.configs import register_configs
-from qlora_lab.sinks.provenance import device_info
+from qlora_lab.sinks.provenance import CHECKOUT, device_info
 from qlora_lab.study import check, execute, plots, spec, table
 from qlora_lab.study.now import provenance_now
 
@@ -68,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
                 pending.append(p.file)
             else:
                 drawn.append(plots.draw(study, p, rows, outcome.jobs, out))
-        record = runs_record(study, args.scale, rows, outcome)
+        record = runs_record(study, args.scale, rows, outcome, out)
         record["pending_plots"] = pending
         (out / "runs.json").write_text(json.dumps(record, indent=1, default=str))
     except spec.StudyError as e:
@@ -102,15 +102,32 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def runs_record(study: spec.Study, scale: str, rows: list[table.Row], outcome: execute.Outcome) -> dict[str, Any]:
+def portable(value: Any, out: Path | None = None) -> Any:
+    """`value` (a config) with the machine's paths taken out: a path inside the checkout relative to it
+    (`src/qlora_lab/assets/...`), one inside the study's output dir as `<out>/...`; what a committed runs.json holds
+    is the same on every machine that makes it."""
+    if isinstance(value, dict):
+        return {k: portable(v, out) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v, out) for v in value]
+    if isinstance(value, str):
+        for root, name in ((out.resolve() if out else None, "<out>"), (CHECKOUT, None)):
+            if root is not None and (value == str(root) or value.startswith(f"{root}/")):
+                rest = value[len(str(root)) + 1:]
+                return f"{name}/{rest}" if name else (rest or ".")
+    return value
+
+
+def runs_record(study: spec.Study, scale: str, rows: list[table.Row], outcome: execute.Outcome,
+                out: Path | None = None) -> dict[str, Any]:
     """runs.json: where and with what this table was made: the device, date, code, lock, and each row's resolved
-    config (what a later reproduction diffs against)."""
+    config (what a later reproduction diffs against), its paths made portable."""
     first = outcome.jobs[0] if outcome.jobs else None
     return {"study": study.name, "scale": scale, "date": time.strftime("%Y-%m-%d"),
             "device": first.device if first else device_info(outcome.device),
             "provenance": provenance_now(),
             "skipped_runs": [" ".join(c.args) for c in outcome.skipped],
-            "rows": {r.id: r.jobs[0].config for r in rows}}
+            "rows": {r.id: portable(r.jobs[0].config, out) for r in rows}}
 
 
 def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row], recorded_kind: str,
@@ -139,7 +156,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row],
     by_diff: dict[tuple[str, ...], list[str]] = {}
     for r in rows:
         if r.id in old.get("rows", {}):
-            diff = tuple(check.config_differences(old["rows"][r.id], r.jobs[0].config))
+            diff = tuple(check.config_differences(portable(old["rows"][r.id]), new["rows"][r.id]))
             if diff:
                 by_diff.setdefault(diff, []).append(r.id)
     for diff, ids in by_diff.items():
