@@ -43,6 +43,11 @@ def test_every_study_composes_at_every_scale_and_commits_its_results(name):
     shows, the table there being the committed one)."""
     study = spec.load(EXPERIMENTS / name)
     assert spec.check_composes(study) == []
+    for c in study.columns:  # a noise tolerance says what was measured (a few words at least, not a placeholder)
+        if c.tolerance.split()[0] in ("abs", "rel", "ratio"):
+            assert c.why and len(c.why.split()) >= 6, f"experiments/{name}: column {c.name} ({c.tolerance}) says no why"
+    assert not re.search(r"\b(TOL|FULL|DATE|TODO)(_[A-Z]+)?\b", (EXPERIMENTS / name / "README.md").read_text()), \
+        f"experiments/{name}/README.md holds a placeholder"
     readme = (EXPERIMENTS / name / "README.md").read_text()
     for scale in study.scales:
         committed = EXPERIMENTS / name / "results" / scale
