@@ -2,6 +2,7 @@
 
   python bench/frontier.py --shapes phi4mini llama8b --budgets 12 24 48 80      # GPU machine (an H200/H100)
   python bench/frontier.py --long llama8b --lengths 16384 32768 65536 98304       # the longest context, at mb 1
+  python bench/frontier.py --replot /tmp/qlab-frontier/frontier.json               # frontier.png again (any machine)
 
 Each budget caps the process's GPU memory (`torch.cuda.set_per_process_memory_fraction`, bench/cap/sitecustomize.py)
 so one large GPU stands in for a 12/24/48 GiB card, and every run is a fresh process on the packed SFT mix of
@@ -123,6 +124,38 @@ def longest(a, shape: str, out: Path) -> dict:
     return result
 
 
+def plot(results: dict, path: Path) -> Path:
+    """tokens/s against the budget, a panel per shape: checkpointing=auto (each point labelled with the layers and
+    micro-batch it chose), the preset and Unsloth's best fitting batch; a run that did not fit is left out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = sorted({r["shape"] for r in results["frontier"]})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4.5), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        rows = sorted((r for r in results["frontier"] if r["shape"] == shape), key=lambda r: r["budget"])
+        for key, label, style, color in (("auto", "qlora-lab checkpointing=auto", "o-", "C0"),
+                                         ("preset", "previous preset", "s--", "C1"),
+                                         ("unsloth", "Unsloth, best fitting batch", "^:", "C2")):
+            pts = [(r["budget"], r[key]["tok_s"]) for r in rows if r[key].get("tok_s")]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, label=label)
+        for r in rows:
+            if r["auto"].get("tok_s"):
+                ax.annotate(f"mb {r['auto'].get('mb')}\n{r['auto'].get('layers')}", (r["budget"], r["auto"]["tok_s"]),
+                            textcoords="offset points", xytext=(4, 6), fontsize=7)
+        ax.set(title=shape, xlabel="GPU memory budget (GiB, process capped)", ylabel="tokens/s (packed SFT mix)")
+        ax.set_xticks([r["budget"] for r in rows])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", default=["phi4mini"], choices=["phi4mini", "llama8b"])
@@ -137,11 +170,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/qlab-frontier"))
     ap.add_argument("--cache-dir", default=DEFAULT_CACHE)
     ap.add_argument("--timeout", type=int, default=300)
+    ap.add_argument("--replot", type=Path, help="draw frontier.png again from a frontier.json; runs nothing")
     a = ap.parse_args()
+    if a.replot:
+        print(plot(json.loads(a.replot.read_text()), a.replot.with_suffix(".png")))
+        return
     a.out.mkdir(parents=True, exist_ok=True)
     results = {"frontier": [r for s in a.shapes for r in frontier(a, s, a.out)],
                "long": [longest(a, s, a.out) for s in a.long]}
     (a.out / "frontier.json").write_text(json.dumps(results, indent=1))
+    if results["frontier"]:
+        print(f"plot: {plot(results, a.out / 'frontier.png')}")
     print("\n| shape | budget (GiB cap) | auto tok/s | auto peak / predicted GiB | auto mb, layers | preset tok/s "
           "| preset peak | Unsloth best tok/s (mb) | Unsloth peak | auto / Unsloth | auto / preset |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
