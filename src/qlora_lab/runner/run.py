@@ -315,6 +315,7 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
             elif "data.micro_batch_size" in spec.resolved:
                 spec, ledger = _prove_micro_batch(spec, ledger, built)
             cfg = spec.cfg
+            timeline.mark("prove_plan")  # the real step(s) that proved an auto plan or micro-batch (CUDA only)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
         rec.logger = logger = open_records(spec, out_dir, resume, previous, ledger, data_fingerprint, built.path, dist)
