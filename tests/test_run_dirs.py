@@ -217,8 +217,11 @@ def test_summary_json_is_strict_json(tmp_path):
 # ---- Hydra's side: the dirs it creates before our code runs ----
 
 def _hydra_cfg(**hydra) -> OmegaConf:
-    return OmegaConf.create({"hydra": {"output_subdir": ".hydra", **hydra}, "mode": "train", "overwrite": False,
-                             "sweep": {"resume": False}})
+    """The part of a composed config the guard reads, with what Hydra always sets (the job's name, the overrides)."""
+    mode = "RunMode.MULTIRUN" if "sweep" in hydra else "RunMode.RUN"
+    return OmegaConf.create({"hydra": {"output_subdir": ".hydra", "job": {"name": "train"}, "mode": mode,
+                                       "overrides": {"task": [], "hydra": []}, **hydra},
+                             "mode": "train", "overwrite": False, "sweep": {"resume": False}})
 
 
 def test_run_dir_guard_keeps_the_runs_own_hydra_record(finished, tmp_path):

@@ -332,7 +332,7 @@ class RunDirGuard(Callback):
                 config.hydra.output_subdir = HYDRA_NEW
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        _refuse_unknown_keys(config, list(OmegaConf.select(config, "hydra.overrides.task") or []))
+        _refuse_unknown_keys(config, list(config.hydra.overrides.task))
         _safe_job_name(config)
         raw = str(config.hydra.sweep.dir)
         why = _dir_problem("hydra.sweep.dir", raw)
@@ -373,10 +373,7 @@ def _refuse_unknown_keys(config: DictConfig, overrides: list[str]) -> None:
 def _safe_job_name(config: DictConfig) -> None:
     """hydra.job.name names the job's log file (<run dir>/<job name>.log): a name with a path in it
     (`hydra.job.name=../../x`) would write it elsewhere, so it is cut to what a file name may hold."""
-    name = OmegaConf.select(config, "hydra.job.name")
-    if name is None:  # (a hand-made config in a test names no job)
-        return
-    name = str(name)
+    name = str(config.hydra.job.name)
     cleaned = safe_name(name)
     if cleaned != name:
         log.warning(f"hydra.job.name={name!r} is not a plain file name; the job log is {cleaned}.log")
@@ -388,7 +385,7 @@ def _set_for_jobs(config: DictConfig, key: str, value: str) -> None:
     Hydra composes every job anew from those, not from this config)."""
     with read_write(config.hydra), open_dict(config.hydra):
         OmegaConf.update(config, key, value)
-        if str(OmegaConf.select(config, "hydra.mode")).endswith("MULTIRUN"):
+        if str(config.hydra.mode).endswith("MULTIRUN"):
             config.hydra.overrides.hydra.append(f"{key}={value}")
 
 
