@@ -106,16 +106,20 @@ def portable(value: Any, out: Path | None = None) -> Any:
     """`value` (a config) with the machine's paths taken out: a path inside the checkout relative to it
     (`src/qlora_lab/assets/...`), one inside the study's output dir as `<out>/...`; what a committed runs.json holds
     is the same on every machine that makes it."""
-    if isinstance(value, dict):
-        return {k: portable(v, out) for k, v in value.items()}
-    if isinstance(value, list):
-        return [portable(v, out) for v in value]
-    if isinstance(value, str):
-        for root, name in ((out.resolve() if out else None, "<out>"), (CHECKOUT, None)):
-            if root is not None and (value == str(root) or value.startswith(f"{root}/")):
-                rest = value[len(str(root)) + 1:]
-                return f"{name}/{rest}" if name else (rest or ".")
-    return value
+    roots = ([(str(out.resolve()), "<out>/")] if out else []) + [(str(CHECKOUT), "")]
+
+    def one(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: one(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [one(x) for x in v]
+        if isinstance(v, str):
+            for root, prefix in roots:
+                if v == root or v.startswith(f"{root}/"):
+                    return prefix + (v[len(root) + 1:] or ("." if not prefix else ""))
+        return v
+
+    return one(value)
 
 
 def runs_record(study: spec.Study, scale: str, rows: list[table.Row], outcome: execute.Outcome,
@@ -156,7 +160,7 @@ def differences(old: dict[str, Any], new: dict[str, Any], rows: list[table.Row],
     by_diff: dict[tuple[str, ...], list[str]] = {}
     for r in rows:
         if r.id in old.get("rows", {}):
-            diff = tuple(check.config_differences(portable(old["rows"][r.id]), new["rows"][r.id]))
+            diff = tuple(check.config_differences(old["rows"][r.id], new["rows"][r.id]))
             if diff:
                 by_diff.setdefault(diff, []).append(r.id)
     for diff, ids in by_diff.items():
