@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import logging
 
 from qlora_lab.core.dist import launched_world_size
 from qlora_lab.core.schema import TrainConfig, freeze
@@ -11,6 +13,8 @@ from qlora_lab.memory.ledger import Ledger
 from qlora_lab.memory.plan import plan_run
 from qlora_lab.model.kernels import resolve_kernels
 from qlora_lab.model.source import model_config
+
+log = logging.getLogger(__name__)
 
 
 def resolve_spec(cfg: TrainConfig, device: str, overrides: list[str] = ()) -> tuple[RunSpec, Ledger, float | None]:
@@ -35,6 +39,10 @@ def resolve_spec(cfg: TrainConfig, device: str, overrides: list[str] = ()) -> tu
             spec = spec.evolve(key, "bfloat16" if target == "cuda" else "float32")
     if cfg.model.kernels == "auto":
         spec = spec.evolve("model.kernels", resolve_kernels(cfg.model, model_config(cfg.model).model_type, target))
+        if cfg.mode == "plan" and spec.cfg.model.kernels == "none" and importlib.util.find_spec("liger_kernel") is None:
+            log.warning("model.kernels=auto planned as none: liger-kernel is not installed here, so this plan holds "
+                        "the full logits (no fused loss); on a GPU machine with the gpu extra (uv sync --extra gpu) "
+                        "auto is liger where the model type has kernels: plan that with model.kernels=liger")
     if cfg.model.compile == "auto":  # Triton codegen where it pays (CUDA); the CPU would pay minutes of compile
         spec = spec.evolve("model.compile", "layers" if target == "cuda" else "none")
     planned = plan_run(spec.cfg, device)
