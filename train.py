@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from qlora_lab.core.errors import EXPECTED, RunDirInUse, exit_code
 from qlora_lab.configs import register_configs
-from qlora_lab.runner import rundir, sweep
+from qlora_lab.runner import preflight, rundir, sweep
 from qlora_lab.runner.run import run
 
 register_configs()
@@ -45,9 +45,18 @@ def main(cfg: DictConfig) -> float:
     except BaseException:
         rundir.forget_launch(run_dir)
         raise
-    rundir.settle_hydra_record(run_dir)
+    if cfg.mode == "plan":  # a plan is printed, not recorded: no run dir is left behind for it
+        rundir.forget_launch(run_dir)
+    else:
+        rundir.settle_hydra_record(run_dir)
     return summary.get("summary/final_loss", float("nan"))  # what a sweeper optimizes
 
 
 if __name__ == "__main__":
+    sys.argv[1:], problems = preflight.run_dir_args(sys.argv[1:])
+    problems += preflight.command_line_problems(sys.argv[1:], Path(__file__).parent / "conf")
+    if problems:  # before Hydra composes: its own message would end the run with exit status 1, naming no fix
+        print(f"qlora-lab: {len(problems)} problem(s) on the command line:\n"
+              + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        sys.exit(2)
     main()

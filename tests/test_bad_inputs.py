@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from helpers import ROOT, fake_checkpoint
+from test_cli import COMMAND_LINE_CASES
 from test_trust import TRUST_FAMILIES
 from qlora_lab.core.errors import CheckpointError, ConfigError, DataError
 from qlora_lab.data import rows as data_rows
@@ -309,7 +310,7 @@ def test_model_dir(compose, tmp_path, damage, needle):
 # ---- the catalogue and its tests stay in step ----
 
 FAMILIES = {"test_config_value": CONFIG_CASES, "test_choice_value": COMPOSE_CASES, "test_model_dir": MODEL_DIR_CASES,
-            **TRUST_FAMILIES}
+            "test_command_line_mistakes": COMMAND_LINE_CASES, **TRUST_FAMILIES}
 
 
 def _test_exists(ref: str) -> bool:

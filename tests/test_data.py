@@ -190,6 +190,18 @@ def test_eval_split_that_holds_no_row_is_refused(compose, tmp_path):
                                                      "data.eval_fraction=0"])).data, 4)
 
 
+def test_a_one_row_dataset_gets_both_problems_at_once(compose, tmp_path):
+    """Too few rows for a micro-batch and for an eval row: both named in one refusal (the second used to appear
+    only once the first was fixed), and no fix that cannot work (raising eval_fraction of 1 row leaves none)."""
+    path = write(tmp_path / "d.jsonl", [{"prompt": "p", "response": "r"}])
+    d = OmegaConf.to_object(compose(["data=jsonl", f"data.path={path}"])).data
+    with pytest.raises(DataError) as e:
+        rows.check_size(1, d, 16)
+    msg = str(e.value)
+    assert msg.startswith("the dataset has 1 row, ") and "set data.micro_batch_size<=1 or add rows" in msg
+    assert "holds out no row" in msg and "set data.eval_fraction=0" in msg and "raise data.eval_fraction" not in msg
+
+
 def test_num_rows_takes_the_first_rows(compose):
     d = OmegaConf.to_object(compose(["data.num_rows=50"])).data
     taken = rows.read_rows(d)

@@ -78,6 +78,23 @@ def test_overwrite_moves_the_old_run_aside(run_dir, cache_dir):
     assert rundir.held_run(moved) and "replaced" not in rundir.RUN_FILES
 
 
+def test_a_run_refused_for_its_data_does_not_block_the_fixed_command(cache_dir, tmp_path):
+    """A bad data file refuses the run before it trains, and its record (summary.json: failed_config) must not make
+    the same command, once the file is fixed, ask for resume or overwrite: the record moves aside, the run starts."""
+    rows, out = tmp_path / "rows.jsonl", tmp_path / "run"
+    rows.write_text("")
+    with pytest.raises(DataError, match="has no rows"):
+        _run(cache_dir, out, ["data=jsonl", f"data.path={rows}"])
+    refused = _files(out)
+    assert json.loads(refused["summary.json"])["summary/status"] == "failed_config" and rundir.refused_run(out)
+    shutil.copy(Path(run_mod.__file__).parents[1] / "assets" / "tiny_tasks.jsonl", rows)
+    summary = _run(cache_dir, out, ["data=jsonl", f"data.path={rows}"])
+    assert summary["summary/status"] == "finished" and summary["summary/steps"] == STEPS
+    (moved,) = (out / "replaced").iterdir()
+    assert _files(moved) == refused  # the refusal's record, byte for byte
+    assert not rundir.refused_run(out)
+
+
 def test_resume_auto_on_a_finished_run_changes_nothing(run_dir, cache_dir, capsys):
     before = _files(run_dir)
     summary = _run(cache_dir, run_dir, ["resume=auto"])

@@ -13,8 +13,9 @@ import pytest
 import yaml
 
 from helpers import CONF, ROOT, child_env, interactive_signals, train_py
+from qlora_lab import cli
 from qlora_lab.core.paths import TINY_DATA
-from qlora_lab.runner.compare import compare, pareto_front
+from qlora_lab.runner.compare import CompareError, compare, pareto_front, ranked
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.sweep import _take_gpu
 from wandb_reader import read_run
@@ -198,9 +199,29 @@ def test_compare_metric_option_picks_the_axis_and_its_direction(fake_sweep):
     res = compare(fake_sweep, "eval_loss")
     assert [(r[1], r[-1]) for r in res["rows"]] == [("2_r=32", "*"), ("1_r=16", "*"), ("0_r=8", "*"), ("3_r=64", "")]
     assert [p.name for p in res["plots"]] == ["loss_curves.png", "memory_vs_loss.png"]
-    with pytest.raises(SystemExit, match="--metric eval_bleu: no job reports it as a quality metric; choose one of: "
-                                         "eval_char_f1, eval_exact_match, eval_loss, final_loss"):
+    with pytest.raises(CompareError, match="eval_bleu: no job reports it as a quality metric; choose one of: "
+                                           "eval_char_f1, eval_exact_match, eval_loss, final_loss"):
         compare(fake_sweep, "eval_bleu")
+
+
+def test_qlora_lab_compare_refuses_what_it_cannot_read_naming_the_fix(fake_sweep, tmp_path, capsys):
+    """`qlora-lab compare` (the same as python -m qlora_lab.runner.compare): a dir that does not exist, a dir with
+    no job and an unknown metric exit 2 with one line naming the fix, never a traceback."""
+    assert cli.main(["compare", str(tmp_path / "nonexistent")]) == 2
+    assert "nonexistent is not a directory; give a sweep dir (outputs/multirun/<time>)" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["compare", str(tmp_path / "empty")]) == 2
+    assert "no job directories with a summary.json" in capsys.readouterr().err
+    assert cli.main(["compare", str(fake_sweep), "--metric", "eval_bleu"]) == 2
+    assert "qlora-lab: --metric eval_bleu: no job reports it" in capsys.readouterr().err
+    assert cli.main(["compare", str(fake_sweep)]) == 0 and "Ranked by" in capsys.readouterr().out
+
+
+def test_ties_in_the_quality_metric_are_broken_by_the_eval_loss():
+    """A short sweep where every job's exact match is 0: the lower eval loss ranks first, not the sweep's order."""
+    jobs = [{"name": n, "summary": {"summary/eval_exact_match": 0.0, "summary/eval_loss": loss,
+                                    "summary/final_loss": 1.0}} for n, loss in (("0_r=4", 6.158), ("1_r=8", 6.126))]
+    assert [j["name"] for j in ranked(jobs, "summary/eval_exact_match")] == ["1_r=8", "0_r=4"]
 
 
 def test_make_compare_runs_the_report(fake_sweep):

@@ -11,9 +11,11 @@ import sys
 from types import ModuleType
 
 from qlora_lab.export import command as export
+from qlora_lab.runner import compare
 from qlora_lab.study import rerun, reproduce
 
 COMMANDS: dict[str, ModuleType] = {}  # name -> module with add_arguments(parser) and main(args) -> int
+COMMANDS["compare"] = compare  # a sweep's jobs side by side from their local files: table, plots (runner/)
 COMMANDS["export"] = export  # merge a run's adapter, write a checkpoint or GGUF file, check it (export/)
 COMMANDS["reproduce"] = reproduce  # re-run a study (experiments/<name>/) and check its committed numbers (study/)
 COMMANDS["rerun"] = rerun  # re-execute one recorded run and compare its loss curve (study/)

@@ -93,6 +93,10 @@ def unknown_key(parent: str, key: str, siblings: Iterable[str], holder: str) -> 
                 f".hydra/, run_info.json, every sink); set it in the environment instead (HF_TOKEN, WANDB_API_KEY, "
                 "MLFLOW_TRACKING_PASSWORD), which no record holds")
     guess = _nearest(parent, key, siblings)
+    if guess == full:  # the key of another option of the group (quantization=none with +quantization.double_quant)
+        return (f"{full} is not a key of {holder}, the schema of the {parent} option this config chose; it belongs to "
+                f"another {parent} option: choose that option ({parent}=<option>) or drop the key ({parent} takes: "
+                f"{', '.join(siblings)})")
     return (f"{full} is not a key of {holder}" + (f"; did you mean {guess}?" if guess else "")
             + f" ({parent or 'the config'} takes: {', '.join(siblings)}); a key the schema lacks is refused, with "
             "or without +")

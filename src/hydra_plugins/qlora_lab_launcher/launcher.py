@@ -69,6 +69,8 @@ class QlabLauncher(Launcher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         sweep = self.config.sweep
+        if self.config.mode == "train":
+            self._refuse_bad_jobs(job_overrides, initial_job_idx)
         basic = self.config.mode != "train" or (str(sweep.fuse).lower() == "false" and str(sweep.max_parallel) == "1")
         if basic or len(job_overrides) == 1:
             if self.config.mode == "plan":
@@ -149,22 +151,45 @@ class QlabLauncher(Launcher):
             for p, record in zip(live, records):
                 p.ret.return_value = record.get("summary/final_loss", float("nan"))
 
+    def _job_config(self, overrides: Sequence[str], idx: int) -> dict:
+        """A job's config as a training run of it resolves it, without Hydra's per-job set-up (no run dir)."""
+        c = self._sweep_config(overrides, idx)
+        with open_dict(c):
+            c.mode = "train"
+            c.run_name = f"job{idx}"
+            c.output_dir = "/nonexistent"
+            c.sweep_id = "plan"
+        return OmegaConf.to_container(OmegaConf.masked_copy(c, [k for k in c if k != "hydra"]), resolve=True)
+
+    def _refuse_bad_jobs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> None:
+        """Every job's values checked before any job trains (`lora.r=16,0`: job 1 would fail only after job 0 had
+        trained): a sweep with a job that cannot run is refused whole, each problem named with its job. A job whose
+        config does not compose is left to Hydra's own message when it is set up."""
+        from qlora_lab.configs import typed
+        from qlora_lab.core.checks import config_problems
+        from qlora_lab.runner.preflight import resolve_device
+
+        lines = []
+        common = set.intersection(*(set(o) for o in job_overrides)) if job_overrides else set()
+        for i, o in enumerate(job_overrides):
+            try:
+                cfg = OmegaConf.to_object(typed(self._job_config(o, initial_job_idx + i)))
+            except Exception:  # noqa: BLE001 - reported where Hydra sets the job up
+                continue
+            label = " ".join(x for x in filter_overrides(o) if x not in common) or "the defaults"
+            lines += [f"  - job {initial_job_idx + i} ({label}): {p}"
+                      for p in config_problems(cfg, resolve_device(cfg.device))]
+        if lines:
+            log.error(f"the sweep is refused before any job trains; {len(lines)} problem(s):\n" + "\n".join(lines))
+            raise SystemExit(2)
+
     def _print_groups(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> None:
         """mode=plan -m: how a training run of this sweep would group its jobs, and each group's planned memory."""
         from qlora_lab.configs import typed
         from qlora_lab.memory import plan
         from qlora_lab.runner import fuse
 
-        cfgs = []
-        for i, o in enumerate(job_overrides):
-            c = self._sweep_config(o, initial_job_idx + i)
-            with open_dict(c):
-                c.mode = "train"
-                c.run_name = f"job{initial_job_idx + i}"
-                c.output_dir = "/nonexistent"
-                c.sweep_id = "plan"
-            cfgs.append(OmegaConf.to_container(OmegaConf.masked_copy(c, [k for k in c if k != "hydra"]),
-                                               resolve=True))
+        cfgs = [self._job_config(o, initial_job_idx + i) for i, o in enumerate(job_overrides)]
         lines = []
         for g in fuse.groups(cfgs):
             tcfgs = [OmegaConf.to_object(typed(cfgs[i])) for i in g]

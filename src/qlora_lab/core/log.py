@@ -8,8 +8,12 @@ imported) INFO goes to stdout and warnings to stderr, each line as train.py has 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
+from pathlib import Path
+from typing import Iterator
 
 from qlora_lab.core.scrub import scrub_text
 
@@ -41,3 +45,39 @@ def install() -> None:
         root.addHandler(Console())
         root.setLevel(logging.INFO)
         root.propagate = False
+
+
+class _Scrub(logging.Filter):
+    """A line as the console shows it: never a credential (core/scrub.py)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = scrub_text(record.getMessage()), ()
+        return True
+
+
+@contextlib.contextmanager
+def to_file(path: Path | str, own: bool = False) -> Iterator[None]:
+    """The package's lines also into the run's log file `path` (<run dir>/train.log), which would otherwise hold
+    nothing of them (the package's logger does not propagate): through Hydra's own handler when Hydra writes that
+    file (train.py's run), else, with `own`, a handler of our own that appends (a sweep job's process)."""
+    pkg = logging.getLogger("qlora_lab")
+    target = os.path.abspath(path)
+    handler = next((h for h in logging.getLogger().handlers
+                    if isinstance(h, logging.FileHandler) and h.baseFilename == target), None)
+    opened = handler is None and own
+    if opened:
+        handler = logging.FileHandler(target, mode="a", encoding="utf-8", delay=True)
+        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    if handler is None:
+        yield
+        return
+    scrub = _Scrub()
+    handler.addFilter(scrub)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        handler.removeFilter(scrub)
+        if opened:
+            handler.close()

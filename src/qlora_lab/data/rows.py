@@ -173,19 +173,27 @@ def eval_count(n_rows: int, d: DataConfig) -> int:
 
 def check_size(n_rows: int, d: DataConfig, micro_batch: int, processes: int = 1, after: str = "") -> None:
     """At least one full micro-batch per process must be left for training once the eval rows are held out, and an
-    eval split asked for must hold a row. `after` says what reduced the rows (truncation), for the message."""
+    eval split asked for must hold a row; both problems are named at once. `after` says what reduced the rows
+    (truncation), for the message."""
     n_eval = eval_count(n_rows, d)
     n_train = n_rows - n_eval
-    has = f"the dataset has {n_rows} rows{after}"
-    if n_train < micro_batch * processes:
+    need = micro_batch * processes
+    has = f"the dataset has {n_rows} row{'s' if n_rows != 1 else ''}{after}"
+    problems = []
+    if n_train < need:
         per = f" x {processes} processes" if processes > 1 else ""
-        raise DataError(f"{has}, {n_train} left for training after {n_eval} eval rows: "
-                        f"fewer than one micro-batch (data.micro_batch_size={micro_batch}{per}); set "
-                        f"data.micro_batch_size<={n_train // processes} or add rows")
+        problems.append(f"{n_train} left for training after {n_eval} eval rows: fewer than one micro-batch "
+                        f"(data.micro_batch_size={micro_batch}{per}); set data.micro_batch_size<="
+                        f"{max(n_train // processes, 1)} or add rows")
     if n_eval == 0 and d.eval_fraction > 0 and d.max_eval_rows > 0:
-        raise DataError(f"{has}, and data.eval_fraction={d.eval_fraction} of them holds out no row, so the eval loss "
-                        f"would be undefined; add rows, raise data.eval_fraction to {1 / n_rows:.2g} or more, or set "
-                        "data.eval_fraction=0 to train without evaluation")
+        # raising the fraction helps only while one held-out row still leaves a micro-batch to train on
+        fraction = 1 / n_rows if n_rows else 1.0
+        raise_it = (f"raise data.eval_fraction to {fraction:.2g} or more, "
+                    if fraction < 1 and n_rows - 1 >= need else "")
+        problems.append(f"data.eval_fraction={d.eval_fraction} of them holds out no row, so the eval loss would be "
+                        f"undefined; add rows, {raise_it}or set data.eval_fraction=0 to train without evaluation")
+    if problems:
+        raise DataError(f"{has}, " + "; and ".join(problems))
 
 
 def fingerprint(rows: list[dict[str, Any]]) -> str:

@@ -97,8 +97,8 @@ def best_job(sweep_dir: Path, metric: str) -> tuple[Path, str, float]:
                            "(outputs/multirun/<time>); export a single run without --best"])
     try:
         key = compare.quality_metric(jobs, metric)
-    except SystemExit as e:  # compare's message lists the metrics the jobs report
-        raise ExportError([f"--best {e.code}"]) from None
+    except compare.CompareError as e:  # compare's message lists the metrics the jobs report
+        raise ExportError([f"--best {e}"]) from None
     done = [j for j in compare.ranked(jobs, key) if j["summary"].get("summary/status") == "finished"
             and isinstance(j["summary"].get(key), (int, float)) and math.isfinite(j["summary"][key])]
     if not done:

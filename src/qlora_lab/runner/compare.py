@@ -1,7 +1,7 @@
 """Compare the jobs of a sweep from their local files (no W&B account needed).
 
-  python -m qlora_lab.runner.compare outputs/multirun/<sweep>                          # or: make compare SWEEP=...
-  python -m qlora_lab.runner.compare outputs/multirun/<sweep> --metric eval_exact_match
+  qlora-lab compare outputs/multirun/<sweep>                          # or: make compare SWEEP=...
+  qlora-lab compare outputs/multirun/<sweep> --metric eval_exact_match
 
 Writes into the sweep dir: compare.md and compare.csv (one row per job, best first by the quality metric: the keys
 the sweep varies, status, losses, every task metric the jobs evaluated, tokens/s, the job's own peak memory,
@@ -21,6 +21,7 @@ import csv
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,10 @@ from qlora_lab.evaluation.metrics import goal
 from qlora_lab.sinks.summary import read_summary
 
 log = logging.getLogger(__name__)
+
+class CompareError(ValueError):
+    """A sweep dir or metric the report cannot use; the message names the fix."""
+
 
 HEAD = ["summary/status", "summary/final_loss", "summary/eval_loss"]
 TAIL = ["summary/tokens_per_s", "summary/peak_memory_gib", "summary/overhead_s"]
@@ -120,8 +125,8 @@ def quality_metric(jobs: list[dict[str, Any]], chosen: str | None = None) -> str
         key = chosen if chosen.startswith("summary/") else f"summary/{chosen}"
         if goal(key) is None or not any(key in j["summary"] for j in jobs):
             known = sorted({k.split("/", 1)[1] for j in jobs for k, v in j["summary"].items() if goal(k) and _finite(v)})
-            raise SystemExit(f"--metric {chosen}: no job reports it as a quality metric; choose one of: "
-                             f"{', '.join(known) or '(none: did any job finish?)'}")
+            raise CompareError(f"{chosen}: no job reports it as a quality metric; choose one of: "
+                               f"{', '.join(known) or '(none: did any job finish?)'}")
         return key
     done = _finished(jobs)
     for key in [*task_metrics(jobs), "summary/eval_loss"]:
@@ -130,11 +135,24 @@ def quality_metric(jobs: list[dict[str, Any]], chosen: str | None = None) -> str
     return "summary/final_loss"
 
 
+# What breaks a tie in the quality metric (exact match 0 for every job of a short sweep): the eval loss, then the
+# final train loss, lower first; then the sweep's order.
+TIE_BREAKERS = ("summary/eval_loss", "summary/final_loss")
+
+
 def ranked(jobs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """Jobs best first by `metric`; jobs without a finite value last, in their sweep order."""
+    """Jobs best first by `metric`, ties broken by TIE_BREAKERS; jobs without a finite value last, in their sweep
+    order."""
     sign = 1 if goal(metric) == "min" else -1
-    return sorted(jobs, key=lambda j: (0, sign * j["summary"][metric]) if _finite(j["summary"].get(metric))
-                  else (1, 0))
+
+    def key(j: dict[str, Any]) -> tuple:
+        s = j["summary"]
+        if not _finite(s.get(metric)):
+            return (1, 0.0, ())
+        return (0, sign * s[metric], tuple(s[k] if _finite(s.get(k)) else math.inf for k in TIE_BREAKERS
+                                           if k != metric))
+
+    return sorted(jobs, key=key)
 
 
 def front_of(jobs: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
@@ -228,9 +246,12 @@ def plot(sweep_dir: Path, jobs: list[dict[str, Any]], metric: str) -> list[Path]
 
 
 def compare(sweep_dir: Path, metric: str | None = None) -> dict[str, Any]:
+    if not sweep_dir.is_dir():
+        raise CompareError(f"{sweep_dir} is not a directory; give a sweep dir (outputs/multirun/<time>)")
     jobs = load_jobs(sweep_dir)
     if not jobs:
-        raise SystemExit(f"{sweep_dir}: no job directories with a summary.json; is this a multirun dir?")
+        raise CompareError(f"{sweep_dir}: no job directories with a summary.json; is this a multirun dir "
+                           "(outputs/multirun/<time>)?")
     key = quality_metric(jobs, metric)
     header, rows = table_rows(jobs, key)
     md, cs = write_tables(sweep_dir, header, rows, key)
@@ -238,15 +259,24 @@ def compare(sweep_dir: Path, metric: str | None = None) -> dict[str, Any]:
     return {"markdown": md, "csv": cs, "plots": pngs, "rows": rows, "header": header, "metric": key}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("sweep_dir", type=Path)
-    ap.add_argument("--metric", help="the quality metric to rank by and plot, e.g. eval_exact_match, eval_loss")
-    args = ap.parse_args()
-    res = compare(args.sweep_dir, args.metric)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", type=Path, help="a sweep's dir: outputs/multirun/<time>")
+    p.add_argument("--metric", help="the quality metric to rank by and plot, e.g. eval_exact_match, eval_loss")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        res = compare(args.sweep_dir, args.metric)
+    except CompareError as e:
+        where = f"--metric {e}" if args.metric and str(e).startswith(f"{args.metric}:") else str(e)
+        print(f"qlora-lab: {where}", file=sys.stderr)
+        return 2
     print(res["markdown"].read_text())
     print("wrote", res["markdown"], res["csv"], *res["plots"])
+    return 0
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # python -m qlora_lab.runner.compare: the same as `qlora-lab compare`
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    sys.exit(main(ap.parse_args()))

@@ -7,6 +7,7 @@ Nothing here changes the machine: directories are checked for writability withou
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -290,3 +291,89 @@ def validate(cfg: TrainConfig) -> str:
     if problems:
         raise ConfigError(problems)
     return device
+
+
+# train.py's flags that change which config is composed: the check below would compose another one, so it stands aside
+_CONFIG_FLAGS = ("--config-path", "--config-name", "--config-dir", "-cp", "-cn", "-cd")
+_MAX_COMPOSES = 32  # a sweep's values are composed one at a time; past this many, the rest are left to Hydra
+
+
+def _option_problem(group: str, value: str, conf_dir: Path) -> str | None:
+    options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+    if not options or value in options or value in ("null", "none") and group != "logger":
+        return None
+    guess = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
+    return (f"{group}={value}: no such option" + (f"; did you mean {group}={guess[0]}?" if guess else "")
+            + f" ({group} takes: {', '.join(options)}; see conf/{group}/)")
+
+
+def command_line_problems(args: list[str], conf_dir: Path) -> list[str]:
+    """What is wrong with train.py's overrides, found before Hydra composes them: Hydra ends the process on a
+    composition error with its own message (`Could not override 'lora.rank'. To append to your config use
+    +lora.rank=8`, which leads to a second refusal) and exit status 1, the status of a crash. Here every problem is
+    listed at once, with the schema's did-you-mean, for exit status 2: a key the schema lacks, with or without +; a
+    group option that does not exist (`logger=[wandb,mlfow]`); a value Hydra cannot merge (`lora.r=abc`), each
+    value of a sweep on its own. Hydra's own keys are left to Hydra."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qlora_lab import closed
+
+    if any(a.split("=")[0] in _CONFIG_FLAGS for a in args):
+        return []
+    texts = [a for a in args if not a.startswith("-") and "=" in a]
+    try:
+        parsed = OverridesParser.create().parse_overrides(texts)
+    except HydraException:
+        return []  # a syntax error: Hydra's message shows where
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    problems, mine = [], []
+    for o, text in zip(parsed, texts):
+        key = o.key_or_group
+        if key.startswith("hydra") or o.is_delete():
+            continue
+        mine.append(o)
+        if key in groups:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
+            flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
+            problems += [p for v in flat if (p := _option_problem(key, str(v), conf_dir))]
+    problems += closed.override_problems([t for o, t in zip(parsed, texts) if o in mine], groups)
+    if problems:
+        return list(dict.fromkeys(problems))
+    # The values, merged as Hydra will merge them: every sweep value once, beside the first value of the others.
+    sweeps = [o for o in mine if o.is_sweep_override()]
+    plain = [o.input_line for o in mine if not o.is_sweep_override()]
+    firsts = {id(o): f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}" for o in sweeps}
+    trials = [plain + list(firsts.values())]
+    for o in sweeps:
+        for v in list(o.sweep_string_iterator())[1:]:
+            trials.append(plain + [firsts[id(x)] if x is not o else f"{o.get_key_element()}={v}" for x in sweeps])
+    out = []
+    with initialize_config_dir(config_dir=str(conf_dir.absolute()), version_base="1.3"):
+        for trial in trials[:_MAX_COMPOSES]:
+            try:
+                compose(config_name="train", overrides=trial)
+            except (HydraException, OmegaConfBaseException) as e:
+                cause = str(e.__cause__ or "").strip().splitlines()
+                out.append(str(e).strip().splitlines()[0] + (f": {cause[0]}" if cause else ""))
+    return list(dict.fromkeys(out))
+
+
+def run_dir_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """train.py's arguments with `output_dir=X` made the run dir (`hydra.run.dir=X` added): Hydra writes its record
+    (.hydra/, train.log) into hydra.run.dir, so output_dir alone split a run's files over two dirs. A sweep's jobs
+    each have their own dir under hydra.sweep.dir: output_dir there is a problem. Returns (args, problems)."""
+    given = [a for a in args if a.split("=", 1)[0].lstrip("+") == "output_dir" and "=" in a]
+    if not given:
+        return args, []
+    if any(a in ("-m", "--multirun") for a in args):
+        return args, [f"{given[-1]} would put every job of the sweep in one dir; give hydra.sweep.dir=<dir> "
+                      "(each job writes <dir>/<n>_<name>)"]
+    out = given[-1].split("=", 1)[1]
+    runs = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    if runs and Path(runs[-1]).expanduser().absolute() != Path(out).expanduser().absolute():
+        return args, [f"{given[-1]} and hydra.run.dir={runs[-1]} name two dirs for one run (Hydra's record would go "
+                      "to the second); give hydra.run.dir=<dir> alone"]
+    return (args if runs else args + [f"hydra.run.dir={out}"]), []

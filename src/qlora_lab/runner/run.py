@@ -38,6 +38,7 @@ from qlora_lab.core.dtypes import torch_dtype
 from qlora_lab.core.effects import declared
 from qlora_lab.core.errors import CheckpointError, ConfigError, OutputError, Status, TrainingInterrupted
 from qlora_lab.core.flat import flatten
+from qlora_lab.core.log import to_file
 from qlora_lab.core.schema import TrainConfig
 from qlora_lab.core.spec import RunSpec
 from qlora_lab.core.timing import Timeline
@@ -53,7 +54,7 @@ from qlora_lab.model.prepare import set_modes
 from qlora_lab.runner.preflight import validate
 from qlora_lab.runner.resolve import resolve_spec
 from qlora_lab.runner import rundir
-from qlora_lab.runner.rundir import check_steps_left, describe, finished_run, held_run, move_aside
+from qlora_lab.runner.rundir import check_steps_left, describe, finished_run, held_run, move_aside, refused_run
 from qlora_lab.sinks.jsonl import JsonlSink
 from qlora_lab.sinks.logger import MetricLogger
 from qlora_lab.sinks.provenance import record_resume, recorded_sink_ids, write_run_info
@@ -209,7 +210,8 @@ def run(cfg: DictConfig | TrainConfig, overrides: list[str] | None = None) -> di
     try:
         # SIGTERM while loading or saving is recorded like Ctrl-C, not a silent exit. One writer per run dir: rank 0
         # holds its lock (train.py's took it before Hydra wrote there; another process holding it: RunDirInUse).
-        with SignalsRaise(), rundir.hold(spec.cfg.output_dir) if dist.main else contextlib.nullcontext():
+        with SignalsRaise(), rundir.hold(spec.cfg.output_dir) if dist.main else contextlib.nullcontext(), \
+                to_file(Path(spec.cfg.output_dir) / "train.log") if dist.main else contextlib.nullcontext():
             return _train_run(spec, ledger, budget, dist, timeline)
     finally:
         dist_mod.teardown(dist)
@@ -271,6 +273,8 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
     out_dir = Path(dist.broadcast(cfg.output_dir))
     if cfg.overwrite and dist.main and held_run(out_dir):  # validate allowed it; before anything is written
         log.info(f"overwrite=true: the earlier run in {out_dir} moved to {move_aside(out_dir)}")
+    elif cfg.resume is None and dist.main and refused_run(out_dir):
+        log.info(f"the run refused earlier in {out_dir} (it trained nothing) moved to {move_aside(out_dir)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.plan.skip_unfit and plan.fits(ledger, budget, cfg.plan.safety_margin) is False:
         return _skip(out_dir, ledger, budget, spec, dist.main)

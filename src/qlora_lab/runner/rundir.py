@@ -81,9 +81,21 @@ def describe(run_dir: Path) -> str:
     return f"a run's files ({', '.join(held_run(run_dir))})"
 
 
+def refused_run(run_dir: Path) -> bool:
+    """`run_dir` holds only the record of a run refused before it trained (a bad config or data file: status
+    failed_config, no step logged, no checkpoint, no adapter): the fixed command may start there again, the record
+    moving aside as overwrite=true moves a run."""
+    summary = read_summary(run_dir)
+    if not summary or summary.get("summary/status") != Status.failed_config:
+        return False
+    if (run_dir / "adapter").exists() or any((run_dir / "checkpoints").glob("*")):
+        return False
+    return _last_step(run_dir / "metrics.jsonl") is None
+
+
 def reuse_problem(run_dir: Path, resume: str | None, overwrite: bool) -> str | None:
     """Why a new run may not start in `run_dir`, with the three ways on; None when it may."""
-    if resume is not None or overwrite or not held_run(run_dir):
+    if resume is not None or overwrite or not held_run(run_dir) or refused_run(run_dir):
         return None
     return (f"output_dir={run_dir} holds {describe(run_dir)}, which a new run would overwrite; continue it with "
             f"resume=auto, start a new run in another dir (hydra.run.dir=<new dir>), or replace it with "

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_lab.configs import typed
 from qlora_lab.core.errors import BadFile, Status
 from qlora_lab.core.files import read_json
+from qlora_lab.core.log import to_file
 from qlora_lab.core.resolvers import SWEPT_ENV, swept_keys
 from qlora_lab.core.scrub import restore, scrub, split_secrets
 from qlora_lab.model.source import model_config
@@ -222,7 +223,8 @@ def _child(config_path: Path) -> None:
     gpu_lock = _take_gpu(config_path.parent.parent / ".gpu_locks", list(gpus) if gpus is not None else None)
     cfg = typed(container["config"])
     try:
-        run(cfg, overrides=container["overrides"])
+        with to_file(Path(cfg.output_dir) / "train.log", own=True):  # Hydra's log of the job is the parent's
+            run(cfg, overrides=container["overrides"])
     except BaseException as e:  # run() recorded what it could; make sure the job dir says why it ended
         record_failure(Path(cfg.output_dir), e)
         traceback.print_exc()
