@@ -191,3 +191,49 @@ def test_a_single_job_head_loss_is_the_models_own(tiny):
         causal = model.get_base_model()
         hidden = causal.get_decoder()(**inputs).last_hidden_state
         assert head_loss(causal, hidden, labels, n, "none") == whole
+
+
+def test_jobs_with_the_same_dropout_hash_one_mask_per_layer(monkeypatch):
+    """A sweep's jobs share the seed, so jobs with the same lora.dropout draw the same mask at a layer: the grouped
+    forward hashes it once (and autograd keeps it once), and every job's rows still get exactly the output and
+    gradients they get with the job's adapter alone."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    from qlora_lab.model import dropout, grouped
+
+    def build(lo):
+        return PeftLoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=["0"])
+
+    jobs = {"j0": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32"),
+            "j1": SimpleNamespace(r=8, dropout=0.1, adapter_dtype="float32"),
+            "j2": SimpleNamespace(r=4, dropout=0.2, adapter_dtype="float32")}
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 48)), build(jobs["j0"]), adapter_name="j0")
+    routing = grouped.group_adapters(model, "j0", [(n, jobs[n]) for n in ("j1", "j2")], 0, build, lambda *a: None)
+    for p in model.parameters():  # B starts at zero: give every adapter a term to compare
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    micro = dropout.MicroBatch()
+    dropout.install(model, 0, micro)
+    micro.set(3)
+    model.train()
+    layer = model.base_model.model[0]
+    calls = []
+    keep = dropout.keep_mask
+    monkeypatch.setattr(dropout, "keep_mask", lambda *a, **k: calls.append(a[1]) or keep(*a, **k))
+    x = torch.randn(3 * 5, 32, requires_grad=True)
+    out = layer(x)
+    assert sorted(calls) == [0.1, 0.2]  # j0 and j1 share one mask; j2 has its own
+    out.pow(2).sum().backward()
+    fused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    for j, name in enumerate(routing.jobs):
+        model.zero_grad()
+        with routing.only(name):
+            alone = layer(x[5 * j:5 * (j + 1)].detach())
+        assert torch.equal(alone, out[5 * j:5 * (j + 1)].detach())
+        alone.pow(2).sum().backward()
+        for n, p in model.named_parameters():
+            if f".{name}." in n and p.requires_grad:
+                torch.testing.assert_close(p.grad, fused[n], rtol=1e-6, atol=1e-6)

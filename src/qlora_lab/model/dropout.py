@@ -82,7 +82,12 @@ class HashDropout(torch.nn.Module):
     def __init__(self, p: float, seed: int, layer: str, micro: MicroBatch):
         super().__init__()
         self.p, self.micro = float(p), micro
-        self.register_buffer("key", torch.tensor(layer_key(seed, layer), dtype=torch.int64), persistent=False)
+        self.key_value = layer_key(seed, layer)  # what decides the masks with p: equal for equally seeded adapters
+        self.register_buffer("key", torch.tensor(self.key_value, dtype=torch.int64), persistent=False)
+
+    @property
+    def active(self) -> bool:
+        return self.training and self.p > 0
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The kept elements of `x` (bool)."""
@@ -91,11 +96,19 @@ class HashDropout(torch.nn.Module):
             index, offset = index.to(x.device), offset.to(x.device)
         return keep_mask(x.shape, self.p, self.key, index, x.device, offset)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
+    def dropped(self, x: torch.Tensor) -> torch.Tensor:
+        """The elements of `x` dropout zeroes (bool): a function of the shape, key, p and micro-batch only, so
+        adapters with the same key and p at the same layer (a fused group's equally seeded jobs) can share one."""
+        return ~self.mask(x)
+
+    def apply(self, x: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         # the scale by a number keeps nothing for backward, masked_fill its bool mask: 1 byte an element
-        return (x * (1.0 / (1.0 - self.p))).masked_fill(~self.mask(x), 0)
+        return (x * (1.0 / (1.0 - self.p))).masked_fill(dropped, 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        return self.apply(x, self.dropped(x))
 
     def extra_repr(self) -> str:
         return f"p={self.p}, counter-based"

@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 
 from qlora_lab.core.schema import LoraConfig
+from qlora_lab.model.dropout import HashDropout
 
 DEFAULT = "default"  # PEFT's adapter name of a model with one adapter: what a job's records use
 
@@ -46,11 +47,21 @@ class Routing:
             self.single = previous
 
 
-def _lora_term(layer, name: str, x: torch.Tensor) -> torch.Tensor:
-    """What PEFT's forward adds for adapter `name` (vanilla LoRA), in the same order of operations."""
+def _lora_term(layer, name: str, x: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
+    """What PEFT's forward adds for adapter `name` (vanilla LoRA), in the same order of operations. `shared`: the
+    dropout masks already drawn at this layer for this micro-batch, by (key, p): the jobs of a sweep share the seed,
+    so jobs with the same dropout draw the same mask, and it is hashed (and kept for backward) once, not once a job."""
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
-    return lora_b(lora_a(layer.lora_dropout[name](x))) * layer.scaling[name]
+    drop = layer.lora_dropout[name]
+    if shared is not None and isinstance(drop, HashDropout) and drop.active:
+        sig = (drop.key_value, drop.p, x.shape)
+        if sig not in shared:
+            shared[sig] = drop.dropped(x)
+        x = drop.apply(x, shared[sig])
+    else:
+        x = drop(x)
+    return lora_b(lora_a(x)) * layer.scaling[name]
 
 
 def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -62,7 +73,8 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = result + _lora_term(self, route.single, x)
         return result.to(dtype)
     parts = x.chunk(len(route.jobs))
-    terms = [_lora_term(self, name, part).to(dtype) if name in self.lora_A else None
+    shared: dict = {}
+    terms = [_lora_term(self, name, part, shared).to(dtype) if name in self.lora_A else None
              for name, part in zip(route.jobs, parts)]
     if all(t is not None for t in terms):
         return result + torch.cat(terms)  # one add over the whole output
