@@ -99,6 +99,24 @@ def test_the_plan_of_a_fused_group_holds_one_base(spec_of):
     assert group.peak_bytes > max(a.peak_bytes for a in alone)
 
 
+def test_the_plan_of_a_group_counts_a_shared_dropout_mask_once(spec_of):
+    """Two jobs with the same lora.dropout keep one mask per LoRA layer (model/grouped.py): the group's saved
+    activations are one mask (1 byte an input element, per adapted layer) smaller than with two dropouts."""
+    from qlora_lab.memory import ledger as ledger_mod, plan
+
+    def group(dropouts):
+        cfgs = [spec_of(["model=phi4_mini_shape", "data.micro_batch_size=1", "checkpointing=none",
+                         f"lora.dropout={p}"]).cfg for p in dropouts]
+        return plan.predict_group(cfgs)
+
+    same, other = group([0.05, 0.05]), group([0.05, 0.1])
+    cfg = spec_of(["model=phi4_mini_shape", "data.micro_batch_size=1"]).cfg
+    arch = ledger_mod.read_arch(cfg)
+    mask_bytes = sum(din for din, _ in ledger_mod._lora_modules(arch, cfg).values())  # a token, a layer
+    tokens = same.micro_batch * same.seq_len
+    assert other.peak_bytes - same.peak_bytes == pytest.approx(mask_bytes * tokens * arch.layers, rel=0.02)
+
+
 def test_a_sweep_fuses_through_train_py_and_one_poisoned_job_fails_alone(cache_dir, tmp_path):
     """`-m` over lora.r: one group, one process; the fault-injection seam (tests/faults) gives job 1_r=8's loss a NaN
     at step 3: it stops failed_nan, the others finish with the curves they have when it is not poisoned."""

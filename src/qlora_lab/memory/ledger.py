@@ -179,10 +179,13 @@ def _group_of(name: str) -> str:
     return name  # unknown layout: its input counted on its own
 
 
-def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda") -> dict[str, float]:
+def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda",
+                               masks: set | None = None) -> dict[str, float]:
     """Bytes saved for backward by one decoder layer per token, by part (checkpointing off).
 
-    `device` is kept for callers; the dropout mask is a bool on every device (model/dropout.py).
+    `device` is kept for callers; the dropout mask is a bool on every device (model/dropout.py). `masks`: the
+    (layer, p) whose mask a fused group already keeps (model/grouped.py: jobs with the same dropout share it),
+    filled as adapters are counted; None for one adapter.
     """
     c = 2
     # PEFT runs fp32 adapters on an fp32 copy of the input; the fused kernel casts the (small) weights instead
@@ -202,7 +205,11 @@ def activation_bytes_per_token(arch: Arch, cfg: TrainConfig, device: str = "cuda
     for name, (din, _) in _lora_modules(arch, cfg).items():
         lora += a * cfg.lora.r  # A's output, kept for dB
         if cfg.lora.dropout > 0:
-            lora += (1 + a) * din  # dropout's bool mask + the dropped input, per adapter (model/dropout.py)
+            # dropout's bool mask (once per layer and p in a group) + the dropped input, per adapter
+            kept = masks is not None and (name, cfg.lora.dropout) in masks
+            lora += (0 if kept else 1) * din + a * din
+            if masks is not None:
+                masks.add((name, cfg.lora.dropout))
         elif a != c:
             lora += a * din  # an fp32 copy of the input, per adapter
         else:
@@ -284,7 +291,8 @@ def predict(cfg: TrainConfig, micro_batch: int | None = None, arch: Arch | None 
     static = sum(i.bytes for i in items if i.kind == "static")
 
     per_tok = activation_bytes_per_token(arch, cfg, device)
-    lora_tok = [activation_bytes_per_token(arch, dataclasses.replace(cfg, lora=lo), device)["lora"]
+    masks: set = set()  # a group's jobs with the same dropout keep one mask per layer
+    lora_tok = [activation_bytes_per_token(arch, dataclasses.replace(cfg, lora=lo), device, masks)["lora"]
                 for lo in adapters]
     base_tok = sum(v for k, v in per_tok.items() if k != "lora")
     layer_saved = int(base_tok * TN + sum(lora_tok) * T)  # one layer's activations kept for backward
