@@ -53,6 +53,10 @@ def test_invalid_json_and_encoding_name_the_line(compose, tmp_path):
     bad_json.write_text('{"prompt": "a", "response": "b"}\n{"prompt": \n')
     with pytest.raises(DataError, match="line 2 is not valid JSON"):
         read(compose, bad_json)
+    bad_json.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "x\ty", "response": "b"}\n')  # a raw tab
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON \(Invalid control character at column 14\); each "
+                                        r"line must be one object \(inside a string a tab is written \\t"):
+        read(compose, bad_json)
     bad_utf8 = tmp_path / "b.jsonl"
     bad_utf8.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "\xff", "response": "b"}\n')
     with pytest.raises(DataError, match="line 2 is not valid UTF-8"):

@@ -143,7 +143,10 @@ def _read_jsonl(path: Path) -> list[Any]:
                     from None
             except json.JSONDecodeError as e:
                 array = n == 1 and line.lstrip().startswith("[")
-                raise DataError(f"{path}: line {n} is not valid JSON ({e.msg}); each line must be one object"
+                control = "control character" in e.msg  # a raw tab or newline inside a string
+                why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+                raise DataError(f"{path}: line {n} is not valid JSON ({why}); each line must be one object"
+                                + (" (inside a string a tab is written \\t, a newline \\n)" if control else "")
                                 + ("; this looks like a JSON array: convert it to JSON lines with "
                                    f"jq -c '.[]' {path} > train.jsonl" if array else "")) from e
     return rows
