@@ -217,7 +217,9 @@ def _run_group(entries: list[Entry]) -> None:
         _settle_plan(members)
         for m in members:
             m.out_dir.mkdir(parents=True, exist_ok=True)
-            m.records = stack.enter_context(run_mod.recorded(m.spec, m.out_dir, Dist(), timeline))
+            # the first job's records close last: it alone prints the group's time line, every close included
+            m.records = stack.enter_context(run_mod.recorded(m.spec, m.out_dir, Dist(), timeline,
+                                                             say_time=m is members[0]))
         _train(members, timeline)
 
 

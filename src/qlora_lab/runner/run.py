@@ -231,8 +231,9 @@ class Records:
 
 
 @contextlib.contextmanager
-def recorded(spec: RunSpec, out_dir: Path, dist: Dist, timeline: Timeline) -> Iterator[Records]:
-    """Records a failure of the block (in summary.json and the sinks, as `Records` allows) and closes the sinks."""
+def recorded(spec: RunSpec, out_dir: Path, dist: Dist, timeline: Timeline, say_time: bool = True) -> Iterator[Records]:
+    """Records a failure of the block (in summary.json and the sinks, as `Records` allows) and closes the sinks;
+    `say_time`: print the run's time line at the end (a fused group's jobs share one timeline: it is printed once)."""
     rec = Records(out_dir, own=not spec.cfg.resume)
     try:
         yield rec
@@ -253,7 +254,8 @@ def recorded(spec: RunSpec, out_dir: Path, dist: Dist, timeline: Timeline) -> It
             rec.logger.close()
             if dist.main:  # after the summary: the sinks' close is the one span the summary cannot hold
                 timeline.mark("close_records")
-                log.info(f"time: {timeline.line()}")
+                if say_time:
+                    log.info(f"time: {timeline.line()}")
 
 
 def _replanned(spec: RunSpec, ledger: Ledger) -> Ledger:
