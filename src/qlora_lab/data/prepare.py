@@ -98,4 +98,9 @@ def batching(spec: RunSpec, train_set: Sequence[Example], pad_id: int, verbose: 
         log.info(f"packed {len(train_set)} rows into {len(bins)} rows of {length} tokens "
                  f"(fill {int(lengths.sum()) / max(len(bins) * length, 1):.1%})"
                  + (f"; attention: {attention}" if attention else ""))
+        asked = spec.cfg.model.attn_implementation
+        if attention and asked != "sdpa":
+            log.warning(f"model.attn_implementation={asked} is not used with data.packing=true: packed rows attend "
+                        f"with {attention}, which keeps documents apart; drop the key, or data.packing=false to "
+                        f"run {asked}")
     return PackedRows(train_set, bins), Collator(pad_id, rows=int(spec.cfg.data.micro_batch_size), length=length)

@@ -43,6 +43,9 @@ def resolve_spec(cfg: TrainConfig, device: str, overrides: list[str] = ()) -> tu
             log.warning("model.kernels=auto planned as none: liger-kernel is not installed here, so this plan holds "
                         "the full logits (no fused loss); on a GPU machine with the gpu extra (uv sync --extra gpu) "
                         "auto is liger where the model type has kernels: plan that with model.kernels=liger")
+    if cfg.checkpointing.offload_to_cpu and target == "cpu":
+        log.warning("checkpointing=offload on the CPU: it moves the layer inputs to host memory, where a CPU run "
+                    "keeps them already, so it saves nothing here (the memory of checkpointing=non_reentrant)")
     if cfg.model.compile == "auto":  # Triton codegen where it pays (CUDA); the CPU would pay minutes of compile
         spec = spec.evolve("model.compile", "layers" if target == "cuda" else "none")
     planned = plan_run(spec.cfg, device)
