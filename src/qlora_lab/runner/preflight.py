@@ -15,8 +15,12 @@ import socket
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
 
-from qlora_lab import sinks
+from qlora_lab import closed, sinks
 from qlora_lab.core.checks import config_problems
 from qlora_lab.core.dist import launched_rank, launched_world_size
 from qlora_lab.core.errors import ConfigError, RunDirInUse
@@ -314,13 +318,6 @@ def command_line_problems(args: list[str], conf_dir: Path) -> list[str]:
     listed at once, with the schema's did-you-mean, for exit status 2: a key the schema lacks, with or without +; a
     group option that does not exist (`logger=[wandb,mlfow]`); a value Hydra cannot merge (`lora.r=abc`), each
     value of a sweep on its own. Hydra's own keys are left to Hydra."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from qlora_lab import closed
-
     if any(a.split("=")[0] in _CONFIG_FLAGS for a in args):
         return []
     texts = [a for a in args if not a.startswith("-") and "=" in a]
