@@ -31,6 +31,7 @@ from qlora_lab.sinks.summary import read_summary
 
 log = logging.getLogger(__name__)
 
+
 class CompareError(ValueError):
     """A sweep dir or metric the report cannot use; the message names the fix."""
 

@@ -304,7 +304,7 @@ _MAX_COMPOSES = 32  # a sweep's values are composed one at a time; past this man
 
 def _option_problem(group: str, value: str, conf_dir: Path) -> str | None:
     options = sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
-    if not options or value in options or value in ("null", "none") and group != "logger":
+    if not options or value in options or (value in ("null", "none") and group != "logger"):
         return None
     guess = difflib.get_close_matches(value, options, n=1, cutoff=0.6)
     return (f"{group}={value}: no such option" + (f"; did you mean {group}={guess[0]}?" if guess else "")
@@ -327,7 +327,7 @@ def command_line_problems(args: list[str], conf_dir: Path) -> list[str]:
         return []  # a syntax error: Hydra's message shows where
     groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
     problems, mine = [], []
-    for o, text in zip(parsed, texts):
+    for o in parsed:
         key = o.key_or_group
         if key.startswith("hydra") or o.is_delete():
             continue
@@ -336,7 +336,7 @@ def command_line_problems(args: list[str], conf_dir: Path) -> list[str]:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [o.value()]
             flat = [v for value in values for v in (value if isinstance(value, list) else [value])]
             problems += [p for v in flat if (p := _option_problem(key, str(v), conf_dir))]
-    problems += closed.override_problems([t for o, t in zip(parsed, texts) if o in mine], groups)
+    problems += closed.override_problems([o.input_line for o in mine], groups)
     if problems:
         return list(dict.fromkeys(problems))
     # The values, merged as Hydra will merge them: every sweep value once, beside the first value of the others.
