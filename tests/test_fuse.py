@@ -255,3 +255,17 @@ def test_jobs_with_the_same_dropout_hash_one_mask_per_layer(monkeypatch):
         for n, p in model.named_parameters():
             if f".{name}." in n and p.requires_grad:
                 torch.testing.assert_close(p.grad, fused[n], rtol=1e-6, atol=1e-6)
+
+
+def test_a_groups_progress_bars_each_keep_their_own_line(capsys):
+    """Each job of a fused group draws its bar on its own line, named by the job: they do not overwrite one another."""
+    from qlora_lab.train.loop import Progress
+
+    bars = [Progress(10, 0, True, desc=f"job{i}", position=i) for i in range(3)]
+    try:
+        assert [abs(b.bar.pos) for b in bars] == [0, 1, 2]  # tqdm keeps a fixed line as -position
+        assert [b.bar.desc for b in bars] == ["job0", "job1", "job2"]
+    finally:
+        for b in bars:
+            b.close()
+    assert Progress(10, 0, False).bar is None  # off: nothing is drawn

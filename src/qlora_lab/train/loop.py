@@ -43,18 +43,22 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """The console progress bar (rank 0 only)."""
+    """The console progress bar (rank 0 only). The jobs of a fused group each have their own, one line each
+    (`position`), named by the job (`desc`), so that they do not overwrite one another."""
 
     total: int
     initial: int
     enabled: bool
+    desc: str = "train"
+    position: int = 0
 
     def __post_init__(self) -> None:
         self.bar = None
         if self.enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.initial, desc="train", dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=self.total, initial=self.initial, desc=self.desc, position=self.position,
+                            dynamic_ncols=True, leave=True)
 
     def update(self, loss: float, tokens_per_s: float, peak_gib: float) -> None:
         if self.bar is not None:
@@ -110,9 +114,11 @@ class Job:
         self.state = TrainState.from_checkpoint(saved)
         return saved["data"]
 
-    def start(self, resumed_from: int) -> None:
+    def start(self, resumed_from: int, position: int = 0) -> None:
+        """Ready to train after step `resumed_from`; `position` is the line of its progress bar (a group's jobs)."""
         self.resumed_from = resumed_from
-        self.progress = Progress(self.steps, resumed_from, self.cfg.log.progress_bar and self.dist.main)
+        self.progress = Progress(self.steps, resumed_from, self.cfg.log.progress_bar and self.dist.main,
+                                 desc=self.label.rstrip(": ") or "train", position=position)
         if resumed_from == 0 and self.evaluator.cfg.at_start and self.evaluator.eval_set:
             self.logger.log(self.evaluate(0), 0)  # the baseline: what the model does before any update
 
@@ -271,8 +277,8 @@ def train_group(model, routing, members: list[GroupMember], items: list, collato
     for m in members:
         if m.resume_from is not None:
             stream.restore(m.job.restore(m.resume_from))
-    for m in members:
-        m.job.start(m.job.state.step)
+    for position, m in enumerate(members):
+        m.job.start(m.job.state.step, position)
     start = min(m.job.resumed_from for m in members)
     model.train()
     accum = cfg.optim.grad_accum_steps
