@@ -100,6 +100,10 @@ def test_plan_every_preset_offline_and_the_table_adds_up(compose, preset, monkey
     ledger = predict(cfg)
     items = {i.name: i.bytes for i in ledger.items}
     assert sum(items[n] for n in ledger.peak_terms) == ledger.peak_bytes
+    w = max(len(n) for n in [*items, "card needs (+slack, context)"])  # the table marks exactly the rows that add up to the peak
+    rows = ledger.table().splitlines()[2:2 + len(items)]
+    assert [r[:w].strip() for r in rows if r[w + 2] == "*"] == [n for n in items if n in ledger.peak_terms]
+    assert max(len(r) for r in ledger.table().splitlines()) < 200
     assert summary["summary/predicted_peak_gib"] == pytest.approx(ledger.peak_gib)
 
 

@@ -142,14 +142,16 @@ class Ledger:
         return self.peak_gib * (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB
 
     def table(self) -> str:
-        w = max(len(i.name) for i in self.items)
-        lines = [f"{'component':<{w}}  {'kind':<10} {'GiB':>8}  formula inputs", "-" * (w + 70)]
+        """The ledger as the console shows it; the rows that add up to the peak carry a `*`."""
+        w = max(len(n) for n in [*(i.name for i in self.items), "card needs (+slack, context)"])
+        lines = [f"{'component':<{w}}    {'kind':<10} {'GiB':>8}  formula inputs", "-" * (w + 72)]
         for i in self.items:
-            lines.append(f"{i.name:<{w}}  {i.kind:<10} {i.bytes / GIB:8.3f}  {i.inputs}")
-        lines.append("-" * (w + 70))
-        lines.append(f"{'predicted peak (allocated)':<{w}}  {'':<10} {self.peak_gib:8.3f}  at {self.peak_where}: "
-                     + " + ".join(self.peak_terms))
-        lines.append(f"{'card needs (+slack, context)':<{w}}  {'':<10} {self.card_gib:8.3f}  "
+            mark = "*" if i.name in self.peak_terms else " "
+            lines.append(f"{i.name:<{w}}  {mark} {i.kind:<10} {i.bytes / GIB:8.3f}  {i.inputs}")
+        lines.append("-" * (w + 72))
+        lines.append(f"{'predicted peak (allocated)':<{w}}    {'':<10} {self.peak_gib:8.3f}  at {self.peak_where}: "
+                     f"the sum of the {len(self.peak_terms)} rows marked *")
+        lines.append(f"{'card needs (+slack, context)':<{w}}    {'':<10} {self.card_gib:8.3f}  "
                      f"x{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB} GiB context")
         return "\n".join(lines)
 
