@@ -31,11 +31,7 @@ def worker(variant: str, args) -> dict:
     import torch
 
     from qlora_lab.model import build_group, model_source
-    from qlora_lab.model import grouped
 
-    if variant == "per_job":  # the forward as it was: every job hashes (and keeps) its own mask
-        term = grouped._lora_term
-        grouped._lora_term = lambda layer, name, x, shared=None: term(layer, name, x, None)
     torch.manual_seed(0)
     common = [f"model.build.num_hidden_layers={args.layers}", "lora.dropout=0.05", "checkpointing=none",
               f"model.compile={'layers' if args.compile else 'none'}", "data.packing=false",
@@ -44,6 +40,10 @@ def worker(variant: str, args) -> dict:
     names = [f"job{i}" for i in range(len(JOBS))]
     group = build_group(specs, names, model_source(specs[0]))
     model, routing = group.built.model, group.routing
+    if variant == "per_job":  # the forward as it was: every job hashes (and keeps) its own mask
+        for module in model.modules():
+            if hasattr(module, "_mask_share"):
+                module._mask_share = {name: i for i, name in enumerate(module._mask_share)}
     routing.jobs[:] = names
     model.train()
     decoder = model.get_base_model().get_decoder()

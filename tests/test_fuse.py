@@ -235,6 +235,7 @@ def test_jobs_with_the_same_dropout_hash_one_mask_per_layer(monkeypatch):
             torch.nn.init.normal_(p)
     micro = dropout.MicroBatch()
     dropout.install(model, 0, micro)
+    assert grouped.share_dropout_masks(model) == 1  # j1 draws j0's mask
     micro.set(3)
     model.train()
     layer = model.base_model.model[0]
@@ -269,3 +270,41 @@ def test_a_groups_progress_bars_each_keep_their_own_line(capsys):
         for b in bars:
             b.close()
     assert Progress(10, 0, False).bar is None  # off: nothing is drawn
+
+
+def test_a_grouped_layer_compiles_once_for_every_layer():
+    """Every layer's dropout key differs (it is hashed from the layer's path); the grouped forward must not read it
+    as a Python number, or torch.compile specializes on it and recompiles each decoder layer (on the 0.5B shape: 24
+    compiles of the first step, past dynamo's recompile limit). One graph serves every layer."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    from types import SimpleNamespace
+
+    from qlora_lab.model import dropout, grouped
+
+    def build(lo):
+        return PeftLoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=["0", "1"])
+
+    jobs = {"j0": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32"),
+            "j1": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32")}
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), build(jobs["j0"]),
+                           adapter_name="j0")
+    routing = grouped.group_adapters(model, "j0", [("j1", jobs["j1"])], 0, build, lambda *a: None)
+    dropout.install(model, 0, dropout.MicroBatch())
+    grouped.share_dropout_masks(model)
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    layers = [model.base_model.model[0], model.base_model.model[1]]
+    assert layers[0].lora_dropout["j0"].key_value != layers[1].lora_dropout["j0"].key_value
+    torch._dynamo.reset()
+    for layer in layers:
+        layer.compile(backend=count)
+    model.train()
+    x = torch.randn(2 * 3, 16, requires_grad=True)  # as every decoder layer's input in training
+    for layer in layers:
+        x = layer(x)
+    assert len(graphs) == 1 and routing.jobs == ["j0", "j1"]
+    torch._dynamo.reset()

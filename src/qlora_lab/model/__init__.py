@@ -16,7 +16,7 @@ from qlora_lab.core.dist import Dist
 from qlora_lab.core.spec import RunSpec
 from qlora_lab.model.adapt import build_lora_config, count_parameters, set_adapter_dtype, wrap_model
 from qlora_lab.model.dropout import MicroBatch, install as install_dropout
-from qlora_lab.model.grouped import Routing, group_adapters
+from qlora_lab.model.grouped import Routing, group_adapters, share_dropout_masks
 from qlora_lab.model.layers import compile_layers
 from qlora_lab.model.load import load_model
 from qlora_lab.model.parallel import wrap
@@ -89,6 +89,7 @@ def build_group(specs: list[RunSpec], names: list[str], source: Source,
                              build_lora_config, set_adapter_dtype)
     micro = MicroBatch().to(device_of(model))
     install_dropout(model, cfg.seed, micro)
+    share_dropout_masks(model)
     if cfg.model.mlp_chunk:
         tile_mlps(model, cfg.model.mlp_chunk, micro)
     model = compile_layers(model, cfg.model)

@@ -47,20 +47,13 @@ class Routing:
             self.single = previous
 
 
-def _lora_term(layer, name: str, x: torch.Tensor, shared: dict | None = None) -> torch.Tensor:
-    """What PEFT's forward adds for adapter `name` (vanilla LoRA), in the same order of operations. `shared`: the
-    dropout masks already drawn at this layer for this micro-batch, by (key, p): the jobs of a sweep share the seed,
-    so jobs with the same dropout draw the same mask, and it is hashed (and kept for backward) once, not once a job."""
+def _lora_term(layer, name: str, x: torch.Tensor, dropped: torch.Tensor | None = None) -> torch.Tensor:
+    """What PEFT's forward adds for adapter `name` (vanilla LoRA), in the same order of operations. `dropped`: the
+    dropout mask to apply, already drawn at this layer for this micro-batch by a job that shares it (`_mask_share`)."""
     lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
     x = layer._cast_input_dtype(x, lora_a.weight.dtype)
     drop = layer.lora_dropout[name]
-    if shared is not None and isinstance(drop, HashDropout) and drop.active:
-        sig = (drop.key_value, drop.p, x.shape)
-        if sig not in shared:
-            shared[sig] = drop.dropped(x)
-        x = drop.apply(x, shared[sig])
-    else:
-        x = drop(x)
+    x = drop(x) if dropped is None else drop.apply(x, dropped)
     return lora_b(lora_a(x)) * layer.scaling[name]
 
 
@@ -73,13 +66,45 @@ def _grouped_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = result + _lora_term(self, route.single, x)
         return result.to(dtype)
     parts = x.chunk(len(route.jobs))
-    shared: dict = {}
-    terms = [_lora_term(self, name, part, shared).to(dtype) if name in self.lora_A else None
-             for name, part in zip(route.jobs, parts)]
+    masks: dict[int, torch.Tensor] = {}  # by share id: drawn (and kept for backward) once for the jobs sharing it
+    terms = []
+    for name, part in zip(route.jobs, parts):
+        if name not in self.lora_A:
+            terms.append(None)
+            continue
+        share, drop = self._mask_share.get(name), self.lora_dropout[name]
+        if share is not None and drop.active:
+            if share not in masks:
+                masks[share] = drop.dropped(part)
+            terms.append(_lora_term(self, name, part, masks[share]).to(dtype))
+        else:
+            terms.append(_lora_term(self, name, part).to(dtype))
     if all(t is not None for t in terms):
         return result + torch.cat(terms)  # one add over the whole output
     outs = result.chunk(len(route.jobs))
     return torch.cat([o if t is None else o + t for o, t in zip(outs, terms)])
+
+
+def share_dropout_masks(model: torch.nn.Module) -> int:
+    """Let the jobs of a group that draw the same dropout mask at a layer share it: the jobs of a sweep share the
+    seed, so adapters with equal (key, p) at a layer (model/dropout.py) draw equal masks, hashed once and kept once.
+    Each LoRA layer gets `_mask_share`, adapter name -> share id (the index of the first adapter with its key and p),
+    decided here, once: the forward reads small integers that every layer has alike, so one compiled graph serves
+    every layer (the keys themselves differ per layer and would recompile each). Call after `dropout.install`;
+    returns how many adapters' masks come from another's."""
+    from peft.tuners.lora import LoraLayer
+
+    reused = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and hasattr(module, "_routing"):
+            first: dict[tuple[int, float], int] = {}
+            share = {}
+            for i, (name, drop) in enumerate(module.lora_dropout.items()):
+                if isinstance(drop, HashDropout):
+                    share[name] = first.setdefault((drop.key_value, drop.p), i)
+                    reused += share[name] != i
+            module._mask_share = share
+    return reused
 
 
 def unsupported(lo: LoraConfig) -> str | None:
@@ -117,6 +142,7 @@ def group_adapters(model: torch.nn.Module, first: str, others: list[tuple[str, L
     for module in model.modules():
         if isinstance(module, LoraLayer):
             module._routing = routing
+            module._mask_share = {}  # share_dropout_masks fills it once the dropouts are installed
             module.forward = types.MethodType(_grouped_forward, module)
     return routing
 
