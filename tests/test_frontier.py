@@ -136,3 +136,23 @@ def test_auto_on_the_cpu_with_a_budget_resumes_with_its_recorded_choice(compose,
     assert not any(d.startswith("checkpointing.layers") for d in resumed["config_differences"])  # re-used, not re-planned
     a, b = step_records(whole), step_records(cut)
     assert {s: r["train/loss"] for s, r in a.items()} == {s: r["train/loss"] for s, r in b.items()}
+
+
+def test_the_proving_step_runs_as_the_training_steps_run(spec_of):
+    """The step that proves an auto plan runs the model in training mode: the layers the plan recomputes are
+    checkpointed and dropout is on (a model as built is in eval mode, which checkpoints nothing: its step would
+    measure another plan). The model's mode comes back as it was, with no gradient left behind."""
+    from qlora_lab.model import build_model
+    from qlora_lab.model.prepare import checkpointed_layers
+    from qlora_lab.runner.run import _probe_step
+
+    built = build_model(spec_of(["checkpointing=non_reentrant", "checkpointing.layers=recompute:3+keep:1"]))
+    calls, modes = [], []
+    for layer in checkpointed_layers(built.model):
+        func = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, f=func, **k: calls.append(1) or f(*a, **k)
+        layer.register_forward_pre_hook(lambda m, a: modes.append(m.training))
+    built.model.eval()
+    _probe_step(built.model, 2, 32, "cpu")
+    assert len(calls) == 3 and modes and all(modes)  # three layers recomputed (one kept), every layer training
+    assert not built.model.training and all(p.grad is None for p in built.model.parameters())

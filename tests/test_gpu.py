@@ -205,6 +205,8 @@ def test_cuda_checkpointing_auto_proves_its_plan_and_trains(compose, tmp_path):
     info = json.loads((tmp_path / "run_info.json").read_text())
     assert summary["summary/status"] == "finished" and info["config"]["checkpointing"]["layers"] != "auto"
     assert info["plan"]["chosen"]["layers"] == info["config"]["checkpointing"]["layers"]
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["phase/prove/peak_allocated_gib"] > 0  # the proving step's peak is its own, not step 1's
 
 
 def test_cuda_torchao_nf4_trains_with_the_fused_kernel_compiled(compose, tmp_path):

@@ -46,7 +46,8 @@ def peak_scope(device: str) -> str:
     """What `summary/peak_memory_gib` is, said in the summary itself (a sweep table compares like with like)."""
     if device == "cuda":
         return ("max over training steps of torch.cuda.max_memory_allocated, reset after each step; step 1's window "
-                "opens once the weights' source is ready: loading and quantizing count, a random-init build does not")
+                "opens once the weights' source is ready: loading and quantizing count, a random-init build does not, "
+                "nor the step that proves an auto plan or micro-batch (its peak is phase/prove/peak_allocated_gib)")
     return "max over training steps of the process's resident set at the end of the step (the CPU has no allocator peak)"
 
 

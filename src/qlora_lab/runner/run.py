@@ -322,6 +322,9 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
                 spec, ledger = _prove_micro_batch(spec, ledger, built)
             cfg = spec.cfg
             timeline.mark("prove_plan")  # the real step(s) that proved an auto plan or micro-batch (CUDA only)
+            if "checkpointing.layers" in spec.resolved or "data.micro_batch_size" in spec.resolved:
+                phases.read("prove")  # the proving step's peak is its own, not step 1's
+                reset_peak(device)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
         rec.logger = logger = open_records(spec, out_dir, resume, previous, ledger, data_fingerprint, built.path, dist)
@@ -487,18 +490,24 @@ def _prove_plan(spec: RunSpec, ledger: Ledger, built: BuiltModel) -> tuple[RunSp
                        + "); lower plan.gpu_memory_gib or model.max_seq_len")
 
 
-def _probe_step(model, micro_batch: int, seq: int) -> None:
+def _probe_step(model, micro_batch: int, seq: int, device: str = "cuda") -> None:
     """One forward and backward at full sequence length, to prove a micro-batch fits before training on it: one
-    document a row, with the boundaries a packed batch carries (packed attention needs them; SDPA ignores them)."""
+    document a row, with the boundaries a packed batch carries (packed attention needs them; SDPA ignores them).
+    In training mode, as the steps run: a model in eval mode (as it is built) checkpoints no layer and, with liger,
+    computes the full logits, so its step would prove (or refuse) another plan than the one chosen."""
+    was_training = model.training
+    model.train()
     try:
-        ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device="cuda")
-        cu = torch.arange(0, (micro_batch + 1) * seq, seq, dtype=torch.int32, device="cuda")
-        positions = torch.arange(seq, device="cuda").expand(micro_batch, seq)
+        ids = torch.randint(0, model.config.vocab_size, (micro_batch, seq), device=device)
+        cu = torch.arange(0, (micro_batch + 1) * seq, seq, dtype=torch.int32, device=device)
+        positions = torch.arange(seq, device=device).expand(micro_batch, seq)
         model(input_ids=ids, labels=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
               max_length_q=seq, max_length_k=seq).loss.backward()
     finally:
         model.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
+        model.train(was_training)
+        if device == "cuda":
+            torch.cuda.empty_cache()
 
 
 def _ledger_vs_measured(ledger: Ledger, phases: PhaseReadings, summary: dict[str, Any],
