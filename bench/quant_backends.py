@@ -55,7 +55,8 @@ def gpu(a) -> None:
         if "error" in r:
             print(f"| {q} | {r['error']} | | | |")
         else:
-            print(f"| {q} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {r['pred_gib']:.2f} | {r['load_gib']} |")
+            print(f"| {q} | {r['tok_s']:,.0f} | {r['peak_gib']:.2f} | {r['pred_gib']:.2f} | "
+                  f"{'-' if r['load_gib'] is None else format(r['load_gib'], '.2f')} |")
     if all("curve" in r for r in rows.values()):
         a_, b_ = (rows[q]["curve"] for q in BACKENDS)
         gap = max(abs(a_[s] - b_[s]) / a_[s] for s in a_ if s in b_)
