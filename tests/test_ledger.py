@@ -60,7 +60,7 @@ def test_weight_and_lora_bytes_match_the_instantiated_model(compose, quant):
 
 
 @pytest.mark.parametrize("overrides", [["lora.dropout=0", "lora.adapter_dtype=bfloat16"], ["lora.dropout=0"],
-                                       ["lora.dropout=0.1"]])
+                                       ["lora.dropout=0.1"], ["lora.kernel=fused", "lora.dropout=0"]])
 def test_saved_activations_per_token_match_autograd(compose, overrides):
     """Count the bytes autograd really saves in one decoder layer, against the ledger's per-token formula (which
     describes a CUDA step: bf16 compute, what dtype=auto is there)."""
@@ -76,9 +76,12 @@ def test_saved_activations_per_token_match_autograd(compose, overrides):
     model(input_ids=torch.randint(0, model.config.vocab_size, (batch, seq)))
     hook.remove()
     saved: dict[int, int] = {}
+    # the fused kernel's compute copies of fp32 adapter weights: a layer's constant, not bytes per token
+    lora_shapes = {tuple(p.shape) for p in model.parameters() if p.requires_grad}
 
     def pack(t):
-        saved.update(_storage_bytes([t]))
+        if tuple(t.shape) not in lora_shapes:
+            saved.update(_storage_bytes([t]))
         return t
 
     x = captured["args"][0].detach().requires_grad_(True)
@@ -88,6 +91,25 @@ def test_saved_activations_per_token_match_autograd(compose, overrides):
     per_token = sum(v for k, v in saved.items() if k not in params) / (batch * seq)
     predicted = predict(cfg, device="cpu").extra["per_token"]
     assert sum(predicted.values()) == pytest.approx(per_token, rel=0.01), predicted
+
+
+def test_the_fused_kernel_keeps_its_dropout_mask_as_a_bool(compose):
+    """With dropout, the fused LoRA kernel keeps each adapter's mask for backward as the bool it is drawn as (1 byte an
+    element), not scaled in the compute dtype (2 bytes: 4.25 GiB more on the Phi-4-mini shape with every layer kept),
+    and its gradients are what PEFT's modules compute (tests/test_pipeline.py compares the two kernels)."""
+    cfg, model = _loaded(compose, ["checkpointing=none", "model.dtype=bfloat16", "quantization.compute_dtype=bfloat16",
+                                   "lora.kernel=fused", "lora.dropout=0.1"])
+    model = adapt.wrap_model(prepare.prepare_model(model, cfg.model, cfg.checkpointing, "cpu"), cfg.lora,
+                             quantize.backend_of(cfg.quantization))
+    dropout.install(model, 0, dropout.MicroBatch())
+    model.train()
+    proj = model.base_model.model.model.layers[1].mlp.down_proj
+    x = torch.randn(2, 5, proj.in_features, dtype=torch.bfloat16, requires_grad=True)  # 10 tokens: not r
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        proj(x)
+    full = [t for t in kept if t.numel() == x.numel()]  # the input and the mask; nothing else has x's size
+    assert sorted(str(t.dtype) for t in full) == ["torch.bfloat16", "torch.bool"], [t.dtype for t in kept]
 
 
 @pytest.mark.parametrize("preset", MODEL_PRESETS)

@@ -13,7 +13,7 @@ of a step (bench/results, profile). Here the LoRA term rides on the base GEMM's 
               dA = s * g^T @ drop(x),  dB = s * dy^T @ xa
 
 Saved for backward: x (shared with the sibling layers reading the same input), xa (tokens x r) and, with
-dropout, its mask. The frozen base weight needs no saved input at all. The matmul order costs (tokens * r)(in + out) for the LoRA terms, never in * out * tokens.
+dropout, its bool mask (1 byte an element; the scaled mask is made again in backward). The frozen base weight needs no saved input at all. The matmul order costs (tokens * r)(in + out) for the LoRA terms, never in * out * tokens.
 
 It replaces the forward of PEFT's LoRA modules in place, so parameters, state dicts and `save_pretrained` stay
 PEFT's, on every layer whose base weight the quantization backend can dequantize (`Backend.dequantizer`:
@@ -43,8 +43,10 @@ class LoraLinearQuantized(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         # `keep`: the adapter's dropout mask (bool, model/dropout.py: the one PEFT's modules apply too) or None, the
-        # kept elements scaled by 1/(1-p); the backward needs it for the input gradient of the LoRA branch.
-        mask = None if keep is None else keep.reshape(x2.shape).to(x.dtype) * (1.0 / (1.0 - p))
+        # kept elements scaled by 1/(1-p); the backward needs it for the input gradient of the LoRA branch. Kept
+        # for backward as the bool (1 byte an element), its scaled form made again there.
+        keep = None if keep is None else keep.reshape(x2.shape)
+        mask = _scaled(keep, x.dtype, p)
         xd = x2 if mask is None else x2 * mask
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)  # fp32 master weights -> compute copies
         w = dequantize(weight, x.dtype)
@@ -52,15 +54,16 @@ class LoraLinearQuantized(torch.autograd.Function):
         y = (x2 @ w.t()).addmm_(xa, lora_b.t(), alpha=scale)  # in place: no second tokens x out buffer
         if bias is not None:
             y = y + bias
-        del w, xd
-        ctx.save_for_backward(x2, mask, xa, lora_a, lora_b)  # x2 is the same tensor the sibling q/k/v layers save
+        del w, xd, mask
+        ctx.save_for_backward(x2, keep, xa, lora_a, lora_b)  # x2 is the same tensor the sibling q/k/v layers save
         ctx.weight, ctx.dequantize = weight, dequantize
-        ctx.scale, ctx.shape, ctx.has_bias = scale, shape, bias is not None
+        ctx.scale, ctx.shape, ctx.has_bias, ctx.p = scale, shape, bias is not None, p
         return y.view(*shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, dy):
-        x2, mask, xa, lora_a, lora_b = ctx.saved_tensors
+        x2, keep, xa, lora_a, lora_b = ctx.saved_tensors
+        mask = _scaled(keep, x2.dtype, ctx.p)
         dy2 = dy.reshape(-1, dy.shape[-1])
         g = dy2 @ lora_b
         dx = None
@@ -76,6 +79,11 @@ class LoraLinearQuantized(torch.autograd.Function):
         d_b = torch.mm(dy2.t(), xa).mul_(ctx.scale) if ctx.needs_input_grad[5] else None
         d_bias = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return dx, None, None, d_bias, d_a, d_b, None, None, None
+
+
+def _scaled(keep: torch.Tensor | None, dtype: torch.dtype, p: float) -> torch.Tensor | None:
+    """The dropout mask as the LoRA branch multiplies by it: kept elements 1/(1-p), dropped ones 0."""
+    return None if keep is None else keep.to(dtype) * (1.0 / (1.0 - p))
 
 
 def _fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
