@@ -316,15 +316,14 @@ def _train_run(spec: RunSpec, ledger: Ledger, budget: float | None, dist: Dist, 
         built = build_model(spec, source, dist, phases.read)
         timeline.mark("build_model")  # load, quantize, prepare, adapt, wrap
         if device == "cuda" and (resume is None or resume.ckpt is None):
-            if "checkpointing.layers" in spec.resolved:
-                spec, ledger = _prove_plan(spec, ledger, built)
-            elif "data.micro_batch_size" in spec.resolved:
-                spec, ledger = _prove_micro_batch(spec, ledger, built)
-            cfg = spec.cfg
-            timeline.mark("prove_plan")  # the real step(s) that proved an auto plan or micro-batch (CUDA only)
-            if "checkpointing.layers" in spec.resolved or "data.micro_batch_size" in spec.resolved:
+            prove = (_prove_plan if "checkpointing.layers" in spec.resolved else
+                     _prove_micro_batch if "data.micro_batch_size" in spec.resolved else None)
+            if prove is not None:
+                spec, ledger = prove(spec, ledger, built)
+                cfg = spec.cfg
                 phases.read("prove")  # the proving step's peak is its own, not step 1's
                 reset_peak(device)
+            timeline.mark("prove_plan")  # the real step(s) that proved an auto plan or micro-batch (CUDA only)
         phases.metrics.update(plan.predicted_metrics(ledger))
 
         rec.logger = logger = open_records(spec, out_dir, resume, previous, ledger, data_fingerprint, built.path, dist)
