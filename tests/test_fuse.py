@@ -211,31 +211,47 @@ def test_a_single_job_head_loss_is_the_models_own(tiny):
         assert head_loss(causal, hidden, labels, n, "none") == whole
 
 
-def test_jobs_with_the_same_dropout_hash_one_mask_per_layer(monkeypatch):
-    """A sweep's jobs share the seed, so jobs with the same lora.dropout draw the same mask at a layer: the grouped
-    forward hashes it once (and autograd keeps it once), and every job's rows still get exactly the output and
-    gradients they get with the job's adapter alone."""
+def _job(r: int, p: float):
+    """The LoRA config keys the grouped adapters read, for one job."""
     from types import SimpleNamespace
 
+    return SimpleNamespace(r=r, dropout=p, adapter_dtype="float32")
+
+
+def _dropout_group(base: torch.nn.Module, jobs: dict, micro=None):
+    """A PEFT model over `base` with one adapter per job on each of its Linear children, grouped as a fused sweep
+    groups them, counter-based dropout installed and masks shared (model.build_group's order); returns the model,
+    its routing and how many adapters draw another's mask."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     from qlora_lab.model import dropout, grouped
 
-    def build(lo):
-        return PeftLoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=["0"])
+    targets = [n for n, m in base.named_children() if isinstance(m, torch.nn.Linear)]
 
-    jobs = {"j0": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32"),
-            "j1": SimpleNamespace(r=8, dropout=0.1, adapter_dtype="float32"),
-            "j2": SimpleNamespace(r=4, dropout=0.2, adapter_dtype="float32")}
+    def build(lo):
+        return PeftLoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=targets)
+
+    first, *others = jobs
+    model = get_peft_model(base, build(jobs[first]), adapter_name=first)
+    routing = grouped.group_adapters(model, first, [(n, jobs[n]) for n in others], 0, build, lambda *a: None)
+    dropout.install(model, 0, micro or dropout.MicroBatch())
+    return model, routing, grouped.share_dropout_masks(model)
+
+
+def test_jobs_with_the_same_dropout_hash_one_mask_per_layer(monkeypatch):
+    """A sweep's jobs share the seed, so jobs with the same lora.dropout draw the same mask at a layer: the grouped
+    forward hashes it once (and autograd keeps it once), and every job's rows still get exactly the output and
+    gradients they get with the job's adapter alone."""
+    from qlora_lab.model import dropout
+
     torch.manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(32, 48)), build(jobs["j0"]), adapter_name="j0")
-    routing = grouped.group_adapters(model, "j0", [(n, jobs[n]) for n in ("j1", "j2")], 0, build, lambda *a: None)
+    micro = dropout.MicroBatch()
+    model, routing, reused = _dropout_group(torch.nn.Sequential(torch.nn.Linear(32, 48)),
+                                            {"j0": _job(4, 0.1), "j1": _job(8, 0.1), "j2": _job(4, 0.2)}, micro)
+    assert reused == 1  # j1 draws j0's mask
     for p in model.parameters():  # B starts at zero: give every adapter a term to compare
         if p.requires_grad:
             torch.nn.init.normal_(p)
-    micro = dropout.MicroBatch()
-    dropout.install(model, 0, micro)
-    assert grouped.share_dropout_masks(model) == 1  # j1 draws j0's mask
     micro.set(3)
     model.train()
     layer = model.base_model.model[0]
@@ -276,21 +292,8 @@ def test_a_grouped_layer_compiles_once_for_every_layer():
     """Every layer's dropout key differs (it is hashed from the layer's path); the grouped forward must not read it
     as a Python number, or torch.compile specializes on it and recompiles each decoder layer (on the 0.5B shape: 24
     compiles of the first step, past dynamo's recompile limit). One graph serves every layer."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
-    from types import SimpleNamespace
-
-    from qlora_lab.model import dropout, grouped
-
-    def build(lo):
-        return PeftLoraConfig(r=lo.r, lora_alpha=2 * lo.r, lora_dropout=lo.dropout, target_modules=["0", "1"])
-
-    jobs = {"j0": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32"),
-            "j1": SimpleNamespace(r=4, dropout=0.1, adapter_dtype="float32")}
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)), build(jobs["j0"]),
-                           adapter_name="j0")
-    routing = grouped.group_adapters(model, "j0", [("j1", jobs["j1"])], 0, build, lambda *a: None)
-    dropout.install(model, 0, dropout.MicroBatch())
-    grouped.share_dropout_masks(model)
+    model, routing, _ = _dropout_group(torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)),
+                                       {"j0": _job(4, 0.1), "j1": _job(4, 0.1)})
     graphs = []
 
     def count(gm, example_inputs):
